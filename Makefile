@@ -1,0 +1,36 @@
+# The two commands of the README.  Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU wheel of torch 2.13.0 is what the test machines have locally; for a GPU install
+# see the README ("GPU install") and override TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+ARGS   ?=
+CONFIG ?= configs/default.yaml
+PYTEST_ARGS ?=
+
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.optimlib-installed
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: pretrain test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(FIND_LINKS) "$(TORCH_SPEC)"
+	# deepspeed ships as an sdist whose setup.py imports torch: build it against the torch
+	# installed above (build isolation would pull the newest CUDA torch instead).
+	$(PIP) install -q $(FIND_LINKS) --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+pretrain: $(STAMP)
+	$(BIN)/python launch/pretrain.py --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

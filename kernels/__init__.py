@@ -1,0 +1,1 @@
+"""Fused Triton kernels (installed as ``optimlib.kernels``), each with a PyTorch reference twin."""

@@ -1,0 +1,36 @@
+"""Pretrain a LLaMA-style model with any optimlib optimizer.
+
+    python launch/pretrain.py --config configs/default.yaml optim.lr=3e-3 train.steps=300
+    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/default.yaml      # FSDP2
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/default.yaml deepspeed.zero_stage=2
+
+Overrides are dotted ``key=value`` pairs (see the README's config reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from optimlib.train.config import ConfigError, load_config
+from optimlib.train.loop import pretrain
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML run config (defaults apply when omitted)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; not for users")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        pretrain(cfg, local_rank=args.local_rank)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The one sharding abstraction every shape-aware method in optimlib is written against.
+
+A :class:`RowBlock` is *this rank's whole rows* of a global ``(m, n)`` matrix view of a
+parameter, plus the process group that holds the other rows.  Methods that need the shape of a
+parameter (GaLore projection, AdamP's channel/layer cosines, SMMF's row and column factors)
+are written once against it and are then correct in every layout optimlib meets:
+
+* one process: the local tensor is the whole parameter (world size 1, no collective runs);
+* FSDP2 ``fully_shard``: a DTensor sharded ``Shard(0)``; its local rows are contiguous rows of
+  the parameter (uneven shards included);
+* DeepSpeed ZeRO-1/2/3: the optimizer is handed a flat fp32 slice ``[a, b)`` of the flattened
+  parameter that may start and end mid-row (see :mod:`optimlib.distributed.layout`).
+
+All three are described by one :class:`FlatSlice` -- the rank's contiguous piece ``[a, b)`` of
+the flattened parameter, and every rank's piece -- so there is one code path.  A rank *owns* the
+rows whose first element lies in its slice.  Reading owned rows needs the tails of rows that
+continue on the next rank(s); writing back needs the heads of rows owned by the previous rank:
+both are one ``all_gather`` of ``n`` elements per rank (never a full gradient), and neither runs
+when every rank's slice is row-aligned (FSDP2 with the parameter's own row view).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class FlatSlice:
+    """Where each rank's local piece lies in the flattened global parameter.
+
+    ``bounds[k] = (a_k, b_k)``: rank ``k`` holds elements ``[a_k, b_k)``; pieces are contiguous,
+    in rank order, and cover ``[0, numel)``.  ``rank`` is this process's index in ``group``.
+    """
+
+    numel: int
+    bounds: tuple[tuple[int, int], ...]
+    rank: int
+    group: object | None = None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def start(self) -> int:
+        return self.bounds[self.rank][0]
+
+    @property
+    def stop(self) -> int:
+        return self.bounds[self.rank][1]
+
+    @staticmethod
+    def whole(numel: int) -> "FlatSlice":
+        return FlatSlice(numel=numel, bounds=((0, numel),), rank=0, group=None)
+
+
+def _owned_rows(a: int, b: int, n: int, m: int) -> tuple[int, int]:
+    """Rows whose first element lies in ``[a, b)``."""
+    if b <= a:
+        start = min(-(-a // n), m)
+        return start, start
+    return min(-(-a // n), m), min(-(-b // n), m)
+
+
+class RowBlock:
+    """This rank's owned rows ``[row_start, row_end)`` of a global ``(m, n)`` matrix view.
+
+    ``rows(local)`` turns a tensor laid out like the rank's local piece (a gradient, the
+    parameter, an element-wise state) into the owned ``(R, n)`` rows; ``to_local(rows)`` is its
+    inverse; ``all_reduce`` sums a small tensor over the ranks; ``gather`` assembles the full
+    matrix (only for refresh-time work such as an exact SVD).  With one rank every method is
+    a reshape and no collective runs.
+    """
+
+    def __init__(self, shape: Sequence[int], piece: FlatSlice):
+        m, n = int(shape[0]), int(shape[1])
+        if m * n != piece.numel:
+            raise ValueError(f"matrix view {m}x{n} does not match a parameter of {piece.numel} elements")
+        self.shape = (m, n)
+        self.piece = piece
+        self._owned = [_owned_rows(a, b, n, m) for a, b in piece.bounds]
+        self.row_start, self.row_end = self._owned[piece.rank]
+        self.aligned = all(a % n == 0 and (b % n == 0 or b == piece.numel) for a, b in piece.bounds)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def world_size(self) -> int:
+        return self.piece.world_size
+
+    @property
+    def group(self):
+        return self.piece.group
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_end - self.row_start
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """Sum (or ``op``) ``tensor`` over the ranks in place; returns it."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    # ------------------------------------------------------------------ rows <-> local piece
+    def rows(self, local: torch.Tensor) -> torch.Tensor:
+        """The owned ``(R, n)`` rows of ``local`` (laid out like this rank's piece)."""
+        return self.rows_many([local])[0]
+
+    def rows_many(self, locals_: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``rows`` for several same-layout tensors with one collective."""
+        m, n = self.shape
+        a, b = self.piece.start, self.piece.stop
+        flats = [t.reshape(-1)[: b - a] for t in locals_]
+        if self.aligned:
+            return [f.reshape(self.num_rows, n) for f in flats]
+        # (Collectives run on every rank, including ranks that own no row.)
+        # Every rank publishes its first n elements; the tail of this rank's last owned row is
+        # the concatenation of the following ranks' heads.
+        k = len(flats)
+        heads = torch.zeros(k, n, dtype=flats[0].dtype, device=flats[0].device)
+        for i, f in enumerate(flats):
+            h = f[:n]
+            heads[i, : h.numel()] = h
+        gathered = [torch.empty_like(heads) for _ in range(self.world_size)]
+        dist.all_gather(gathered, heads, group=self.group)
+        need = self.row_end * n - b if self.num_rows else 0
+        begin = min(self.row_start * n - a, b - a)
+        out = []
+        for i, f in enumerate(flats):
+            parts = [f[begin:]]
+            have = 0
+            for r in range(self.piece.rank + 1, self.world_size):
+                if have >= need:
+                    break
+                ra, rb = self.piece.bounds[r]
+                take = min(rb - ra, n, need - have)
+                parts.append(gathered[r][i, :take])
+                have += take
+            out.append(torch.cat(parts).reshape(self.num_rows, n))
+        return out
+
+    def to_local(self, rows: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`rows`: the rank's piece ``[a, b)``, shaped like ``like`` if given.
+
+        Elements of the piece that lie in a row owned by an earlier rank come from that rank.
+        Padding beyond the parameter (DeepSpeed aligns partitions) is filled with zeros.
+        """
+        m, n = self.shape
+        a, b = self.piece.start, self.piece.stop
+        flat_rows = rows.reshape(-1)
+        if self.aligned:
+            piece = flat_rows
+        else:
+            # Every rank publishes its last owned row; the head of this piece is a suffix of the
+            # last row owned by an earlier rank.
+            last = torch.zeros(n, dtype=rows.dtype, device=rows.device)
+            if self.num_rows:
+                last.copy_(flat_rows[-n:])
+            gathered = [torch.empty_like(last) for _ in range(self.world_size)]
+            dist.all_gather(gathered, last, group=self.group)
+            head_end = min(self.row_start * n, b)
+            parts = []
+            if head_end > a:
+                row = self.row_start - 1
+                owner = next(r for r, (s, e) in enumerate(self._owned) if s <= row < e)
+                offset = a - row * n
+                parts.append(gathered[owner][offset : offset + head_end - a])
+            parts.append(flat_rows[: max(0, b - self.row_start * n)])
+            piece = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if like is None:
+            return piece
+        if like.numel() != piece.numel():
+            padded = torch.zeros(like.numel(), dtype=piece.dtype, device=piece.device)
+            padded[: piece.numel()] = piece
+            piece = padded
+        return piece.reshape(like.shape)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The full ``(m, n)`` matrix from every rank's owned rows (refresh-time only)."""
+        if not self.distributed:
+            return rows
+        m, n = self.shape
+        most = max(e - s for s, e in self._owned)
+        buf = torch.zeros(most, n, dtype=rows.dtype, device=rows.device)
+        buf[: self.num_rows] = rows
+        gathered = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(gathered, buf, group=self.group)
+        return torch.cat([g[: e - s] for g, (s, e) in zip(gathered, self._owned)])
+
+    def __repr__(self) -> str:
+        return (f"RowBlock(shape={self.shape}, rows=[{self.row_start}, {self.row_end}), "
+                f"rank={self.piece.rank}/{self.world_size})")
+
+
+def near_square(numel: int) -> tuple[int, int]:
+    """``(a, b)`` with ``a * b == numel``, ``a >= b`` and ``a - b`` minimal."""
+    if numel <= 0:
+        return (max(numel, 0), 1) if numel == 0 else (0, 0)
+    b = math.isqrt(numel)
+    while numel % b:
+        b -= 1
+    return numel // b, b

@@ -1,0 +1,385 @@
+r"""AdamP and SGDP: Adam / SGD that remove the radial part of updates to scale-invariant weights.
+
+Heo, Chun, Oh, Han, Yun, Kim, Uh, Ha, "AdamP: Slowing Down the Slowdown for Momentum Optimizers
+on Scale-invariant Weights", ICLR 2021, arXiv:2006.08217.  Semantics (arguments, defaults and the
+exact update) are those of the reference package ``adamp`` 0.3.0, which the tests use as an oracle.
+
+The update, for a parameter :math:`w` with gradient :math:`g` and base update :math:`d` (Adam's
+:math:`\hat m / (\sqrt{\hat v} + \epsilon)`, or SGD's momentum buffer)::
+
+    if w.ndim > 1:
+        for view in (channel view: rows of the (out, -1) matrix,  layer view: the whole tensor):
+            c = |cos(g_row, w_row)|                    per row of the view, F.cosine_similarity(eps)
+            if max(c) < delta / sqrt(row length):      # the weight looks scale-invariant
+                u = w_row / (||w_row|| + eps)
+                d_row <- d_row - u <u, d_row>          # remove the radial component
+                wd_factor = wd_ratio; stop             # (channel view first, layer view only if it fails)
+    w <- w (1 - lr * weight_decay * wd_factor)         # SGDP: ... / (1 - momentum)
+    w <- w - step_size * d
+
+Everything shape-aware is written against :class:`optimlib.distributed.RowBlock`, so the
+optimizer is correct when it holds only some rows of a parameter (FSDP2 ``Shard(0)``) or a flat
+DeepSpeed ZeRO partition that starts and ends mid-row: per-row cosines and projections run on
+the rows this rank owns, the channel-view maximum and the layer-view dot products are reduced
+across ranks with one small collective (five numbers per rank), and element-wise state (Adam's
+moments, SGD's momentum) lives on the local piece.  Nothing gathers a full gradient.
+
+:func:`scale_invariant_projection` is the reusable core: it works on any ``(R, n)`` owned rows of
+a gradient, weight and update (e.g. a back-projected GaLore update) and a ``RowBlock``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.optim.optimizer import Optimizer
+
+from optimlib.distributed.layout import global_shape, local_piece, to_local
+from optimlib.distributed.row_block import FlatSlice, RowBlock
+
+__all__ = ["AdamP", "SGDP", "adamp", "sgdp", "scale_invariant_projection", "channel_view_shape"]
+
+
+# ----------------------------------------------------------------------------- the shape-aware core
+def channel_view_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The ``(out, -1)`` channel view of a parameter of global shape ``shape``."""
+    numel = math.prod(shape)
+    m = int(shape[0]) if len(shape) else 1
+    return m, (numel // m if m else 0)
+
+
+def _gather_stats(stats: torch.Tensor, block: RowBlock) -> tuple[float, torch.Tensor]:
+    """Combine per-rank ``[max, s1, s2, ...]``: max of the first entry, sums of the others.
+
+    One ``all_gather`` of a few numbers; every rank combines them in rank order, so all ranks
+    reach bit-identical values (and therefore the same decisions).
+    """
+    parts = [torch.empty_like(stats) for _ in range(block.world_size)]
+    dist.all_gather(parts, stats, group=block.group)
+    stacked = torch.stack(parts)
+    return float(stacked[:, 0].max()), stacked[:, 1:].sum(0)
+
+
+def scale_invariant_projection(grad_rows: torch.Tensor, param_rows: torch.Tensor,
+                               update_rows: torch.Tensor, block: RowBlock, *, delta: float,
+                               wd_ratio: float, eps: float) -> tuple[torch.Tensor, float, bool]:
+    """AdamP's projection on this rank's owned rows of the channel view.
+
+    ``grad_rows``, ``param_rows``, ``update_rows``: the ``(R, n)`` rows ``[block.row_start,
+    block.row_end)`` of the ``(m, n)`` channel view (row ``i`` = output channel ``i``) of the
+    gradient, the weight and the update.  Returns ``(update_rows, wd_factor, projected)``: the
+    update with its radial component removed if the weight looks scale-invariant in the channel
+    view (tested first) or the layer view, ``wd_ratio`` in that case and ``1.0`` otherwise.
+
+    Collective: one ``all_gather`` of 5 numbers per rank when ``block`` spans several ranks; every
+    rank of the block must call it (ranks owning no row included).
+    """
+    m, n = block.shape
+    g, w, u = grad_rows, param_rows, update_rows
+    cos = torch.nn.functional.cosine_similarity
+    # Channel view: F.cosine_similarity per owned row (exactly what the reference computes).
+    chan = cos(g, w, dim=1, eps=eps).abs_().max() if g.numel() else g.new_zeros(())
+    if not block.distributed:
+        # One process: the reference's own expressions, so the result is bit-identical to it.
+        # (Tensor-vs-float comparisons, as in the reference: the threshold is cast to the dtype.)
+        if bool(chan < delta / math.sqrt(n)):
+            unit = w / w.norm(dim=1, keepdim=True).add_(eps)
+            return u - unit * (unit * u).sum(dim=1, keepdim=True), wd_ratio, True
+        gl, wl, ul = g.reshape(1, -1), w.reshape(1, -1), u.reshape(1, -1)
+        if bool(cos(gl, wl, dim=1, eps=eps).abs_().max() < delta / math.sqrt(m * n)):
+            unit = wl / wl.norm(dim=1, keepdim=True).add_(eps)
+            return (ul - unit * (unit * ul).sum(dim=1, keepdim=True)).view_as(u), wd_ratio, True
+        return u, 1.0, False
+    # Several ranks: the channel maximum and the layer-view sums in one small collective.
+    stats = torch.stack([chan.float(), (g * g).sum().float(), (w * w).sum().float(),
+                         (g * w).sum().float(), (w * u).sum().float()]).double()
+    chan_max, sums = _gather_stats(stats, block)
+    if chan_max < delta / math.sqrt(n):
+        unit = w / w.norm(dim=1, keepdim=True).add_(eps)
+        return u - unit * (unit * u).sum(dim=1, keepdim=True), wd_ratio, True
+    gg, ww, gw, wu = sums.tolist()
+    # cos = <g, w> / (max(|g|, eps) max(|w|, eps)), as F.cosine_similarity.
+    layer = abs(gw / (max(math.sqrt(gg), eps) * max(math.sqrt(ww), eps)))
+    if layer < delta / math.sqrt(m * n):
+        norm = math.sqrt(ww) + eps
+        unit = w / norm
+        return u - unit * (wu / norm), wd_ratio, True
+    return update_rows, 1.0, False
+
+
+def _project_local(grad: torch.Tensor, param: torch.Tensor, update: torch.Tensor,
+                   shape: Sequence[int], piece: FlatSlice, *, delta: float, wd_ratio: float,
+                   eps: float) -> tuple[torch.Tensor, float, bool]:
+    """:func:`scale_invariant_projection` on local pieces laid out like the rank's parameter."""
+    block = RowBlock(channel_view_shape(shape), piece)
+    g_rows, w_rows, u_rows = block.rows_many([grad, param, update])
+    u_rows, wd, projected = scale_invariant_projection(g_rows, w_rows, u_rows, block, delta=delta,
+                                                        wd_ratio=wd_ratio, eps=eps)
+    if projected:
+        update = block.to_local(u_rows, like=update)
+    return update, wd, projected
+
+
+# ----------------------------------------------------------------------------- functional forms
+def adamp(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+          exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor],
+          shapes: list[Sequence[int]], pieces: list[FlatSlice], *, beta1: float, beta2: float,
+          lr: float, weight_decay: float, eps: float, delta: float, wd_ratio: float,
+          nesterov: bool) -> None:
+    """Functional AdamP on local pieces (plain tensors); ``shapes``/``pieces`` place each piece in
+    its global parameter (see :func:`optimlib.distributed.local_piece`)."""
+    for param, grad, exp_avg, exp_avg_sq, step_t, shape, piece in zip(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, shapes, pieces):
+        step_t += 1
+        step = float(step_t.item())
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # sqrt(v) + eps first, then divide (rsqrt(v) + eps gave NaNs in a port of AdamP).
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        step_size = lr / bias_correction1
+        if nesterov:
+            perturb = (beta1 * exp_avg + (1 - beta1) * grad) / denom
+        else:
+            perturb = exp_avg / denom
+
+        wd = 1.0
+        if len(shape) > 1 and piece.numel:
+            perturb, wd, _ = _project_local(grad, param, perturb, shape, piece, delta=delta,
+                                            wd_ratio=wd_ratio, eps=eps)
+        if weight_decay > 0:
+            param.mul_(1 - lr * weight_decay * wd)
+        param.add_(perturb, alpha=-step_size)
+
+
+def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor],
+         momentum_buffers: list[torch.Tensor | None], state_steps: list[torch.Tensor],
+         shapes: list[Sequence[int]], pieces: list[FlatSlice], *, lr: float, momentum: float,
+         dampening: float, weight_decay: float, nesterov: bool, eps: float, delta: float,
+         wd_ratio: float) -> None:
+    """Functional SGDP on local pieces; ``momentum_buffers[i]`` is ``None`` when ``momentum == 0``."""
+    for param, grad, buf, step_t, shape, piece in zip(params, grads, momentum_buffers, state_steps,
+                                                      shapes, pieces):
+        step_t += 1
+        if buf is None:  # momentum == 0: the buffer would be (1 - dampening) * grad every step
+            d_p = grad * (1 - dampening)
+            buf_is_direction = False
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            buf_is_direction = not nesterov
+            d_p = grad + momentum * buf if nesterov else buf
+
+        wd = 1.0
+        if len(shape) > 1 and piece.numel:
+            d_p, wd, projected = _project_local(grad, param, d_p, shape, piece, delta=delta,
+                                                wd_ratio=wd_ratio, eps=eps)
+            if projected and buf_is_direction:
+                # The reference projects the momentum buffer itself in place (d_p is the buffer).
+                buf.copy_(d_p)
+                d_p = buf
+        if weight_decay > 0:
+            param.mul_(1 - lr * weight_decay * wd / (1 - momentum))
+        param.add_(d_p, alpha=-lr)
+
+
+# ----------------------------------------------------------------------------- helpers shared by the classes
+def _check(name: str, value, ok: bool, accepted: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {name}={value!r}: accepted range is {accepted}")
+
+
+def _placed(group: dict, index: int, p: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor, FlatSlice]:
+    """Global shape, local tensor and FlatSlice of ``group["params"][index]``."""
+    shapes = group.get("shapes")
+    if shapes is not None and group["params"] and len(shapes) != len(group["params"]):
+        raise ValueError(
+            f"param group has {len(group['params'])} tensors but {len(shapes)} shapes: under DeepSpeed "
+            "ZeRO shape-aware optimizers need one parameter per group "
+            "(optimlib.optim.param_groups(model, per_parameter_groups=True))")
+    shape = global_shape(p, group, index)
+    local, piece = local_piece(p, shape)
+    return shape, local, piece
+
+
+def _restore_step_dtype(optimizer: Optimizer) -> None:
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.dtype != torch.float32:
+            state["step"] = step.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- classes
+class AdamP(Optimizer):
+    r"""AdamP (Heo et al., ICLR 2021, arXiv:2006.08217): Adam with projection for scale-invariant weights.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\\
+        d_t = \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+              \;\Big(\text{nesterov: } \frac{\beta_1 m_t + (1-\beta_1) g_t}{\cdots}\Big),\\
+        d_t \leftarrow \Pi_w(d_t) \text{ if } w \text{ looks scale-invariant (then } r = \text{wd\_ratio},
+        \text{ else } r = 1),\\
+        w_t = w_{t-1}(1 - \eta\lambda r) - \frac{\eta}{1-\beta_1^t} d_t
+
+    where :math:`\Pi_w` removes the component of each row of :math:`d` along the matching row of
+    :math:`w` (channel view, ``(out, -1)``) or of the whole tensor (layer view), applied when the
+    largest ``|cos(g, w)|`` of the view is below ``delta / sqrt(row length)``; parameters with at
+    most one dimension are plain AdamW-style Adam.  Matches ``adamp.AdamP`` 0.3.0.
+
+    Args:
+        params: parameters or param groups.  Groups may carry ``"shapes"`` (global shapes, as
+            :func:`optimlib.optim.param_groups` records them): needed under DeepSpeed ZeRO,
+            where the optimizer receives flat partitions (one parameter per group).
+        lr: learning rate (>= 0).  betas: ``(beta1, beta2)`` each in [0, 1).  eps: >= 0.
+        weight_decay: decoupled weight decay (>= 0).  delta: cosine threshold (>= 0).
+        wd_ratio: weight-decay factor for projected weights, in [0, 1].  nesterov: Nesterov momentum.
+
+    Distributed: works on FSDP2 DTensors (``Shard(0)``), DeepSpeed flat partitions and plain
+    tensors alike (see the module docstring); the step is per parameter (``state["step"]``).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, delta: float = 0.1, wd_ratio: float = 0.1,
+                 nesterov: bool = False):
+        _check("lr", lr, lr >= 0, "lr >= 0")
+        _check("betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+               "two values, each in [0, 1)")
+        _check("eps", eps, eps >= 0, "eps >= 0")
+        _check("weight_decay", weight_decay, weight_decay >= 0, "weight_decay >= 0")
+        _check("delta", delta, delta >= 0, "delta >= 0")
+        _check("wd_ratio", wd_ratio, 0 <= wd_ratio <= 1, "[0, 1]")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
+                        wd_ratio=wd_ratio, nesterov=bool(nesterov))
+        super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        _restore_step_dtype(self)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "s", "shape", "piece")}
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamP does not support sparse gradients")
+                shape, local, piece = _placed(group, i, p)
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    # zeros_like(p): a DTensor under FSDP2 (so distributed checkpoints shard it).
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                lists["p"].append(local)
+                lists["g"].append(to_local(p.grad))
+                lists["m"].append(to_local(state["exp_avg"]))
+                lists["v"].append(to_local(state["exp_avg_sq"]))
+                lists["s"].append(state["step"])
+                lists["shape"].append(shape)
+                lists["piece"].append(piece)
+            beta1, beta2 = group["betas"]
+            adamp(lists["p"], lists["g"], lists["m"], lists["v"], lists["s"], lists["shape"], lists["piece"],
+                  beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                  eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
+                  nesterov=group["nesterov"])
+        return loss
+
+
+class SGDP(Optimizer):
+    r"""SGDP (Heo et al., ICLR 2021, arXiv:2006.08217): SGD with projection for scale-invariant weights.
+
+    .. math::
+        b_t = \mu b_{t-1} + (1-\tau) g_t,\quad d_t = g_t + \mu b_t \text{ (nesterov) or } b_t,\\
+        d_t \leftarrow \Pi_w(d_t) \text{ if } w \text{ looks scale-invariant (then } r = \text{wd\_ratio},
+        \text{ else } r = 1),\\
+        w_t = w_{t-1}\Big(1 - \frac{\eta\lambda r}{1-\mu}\Big) - \eta d_t
+
+    with the same test and projection :math:`\Pi_w` as :class:`AdamP` (the cosine compares the raw
+    gradient with the weight).  As in the reference, without Nesterov the momentum buffer itself
+    is projected.  Matches ``adamp.SGDP`` 0.3.0.  With ``momentum=0`` no buffer is stored.
+
+    Args:
+        params: parameters or param groups (may carry ``"shapes"``, see :class:`AdamP`).
+        lr: learning rate (required, >= 0).  momentum: in [0, 1).  dampening: in [0, 1].
+        weight_decay: >= 0 (decoupled, divided by ``1 - momentum``).  nesterov: Nesterov momentum.
+        eps: >= 0.  delta: >= 0.  wd_ratio: in [0, 1].
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
+                 wd_ratio: float = 0.1):
+        _check("lr", lr, lr >= 0, "lr >= 0")
+        _check("momentum", momentum, 0 <= momentum < 1, "[0, 1)")
+        _check("dampening", dampening, 0 <= dampening <= 1, "[0, 1]")
+        _check("weight_decay", weight_decay, weight_decay >= 0, "weight_decay >= 0")
+        _check("eps", eps, eps >= 0, "eps >= 0")
+        _check("delta", delta, delta >= 0, "delta >= 0")
+        _check("wd_ratio", wd_ratio, 0 <= wd_ratio <= 1, "[0, 1]")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=bool(nesterov), eps=eps, delta=delta, wd_ratio=wd_ratio)
+        super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        _restore_step_dtype(self)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            lists: dict[str, list] = {k: [] for k in ("p", "g", "b", "s", "shape", "piece")}
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SGDP does not support sparse gradients")
+                shape, local, piece = _placed(group, i, p)
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                if momentum != 0 and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = state.get("momentum_buffer") if momentum != 0 else None
+                lists["p"].append(local)
+                lists["g"].append(to_local(p.grad))
+                lists["b"].append(None if buf is None else to_local(buf))
+                lists["s"].append(state["step"])
+                lists["shape"].append(shape)
+                lists["piece"].append(piece)
+            sgdp(lists["p"], lists["g"], lists["b"], lists["s"], lists["shape"], lists["piece"],
+                 lr=group["lr"], momentum=momentum, dampening=group["dampening"],
+                 weight_decay=group["weight_decay"], nesterov=group["nesterov"], eps=group["eps"],
+                 delta=group["delta"], wd_ratio=group["wd_ratio"])
+        return loss
+
+
+# ----------------------------------------------------------------------------- registry
+from optimlib.optim.factory import register_optimizer  # noqa: E402
+
+
+def _build_adamp(groups, lr, **kwargs):
+    return AdamP(groups, lr=lr, **kwargs)
+
+
+def _build_sgdp(groups, lr, **kwargs):
+    return SGDP(groups, lr=lr, **kwargs)
+
+
+register_optimizer("adamp", _build_adamp, shape_aware=True,
+                   description="AdamP (Heo et al., ICLR 2021): Adam with radial projection for scale-invariant weights")
+register_optimizer("sgdp", _build_sgdp, shape_aware=True,
+                   description="SGDP (Heo et al., ICLR 2021): SGD with radial projection for scale-invariant weights")

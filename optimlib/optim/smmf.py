@@ -1,0 +1,396 @@
+r"""SMMF: Square-Matricized Momentum Factorization.
+
+Park & Lee, "SMMF: Square-Matricized Momentum Factorization for Memory-Efficient Optimization",
+AAAI 2025, arXiv:2412.08894.  Written from the paper's equations (the reference code is not
+licensed and was not used).
+
+Each parameter (any rank, 0-D to N-D) is viewed as a near-square ``(rows, cols)`` matrix
+:math:`\bar G` of its gradient.  Both Adam moments are kept as one rank-1 non-negative factor
+pair each, plus the first moment's sign as a 1-bit matrix.  Step :math:`t` (per parameter)::
+
+    beta1_t = beta * growth_rate ** (t - 1)            # time-varying first-moment rate
+    beta2_t = 1 - t ** decay_rate                      # decay_rate in [-1, 0]; beta2_1 = 0
+    M_hat = S (.) (r_M c_M^T);   V_hat = r_V c_V^T     # decompress (S = +-1 from the sign bits)
+    M = beta1_t M_hat + (1 - beta1_t) G
+    V = beta2_t V_hat + (1 - beta2_t) G^2
+    S <- sign bits of M (1 = positive)
+    r_X = row sums of |X|,  c_X = column sums of |X| / sum(|X|)   for X in (M, V)   # rank-1 NNMF
+    W <- W (1 - lr * weight_decay)                     # weight_decay_mode="adamw"
+    W <- W - lr * M / (sqrt(V) + eps)                  # with this step's uncompressed M, V
+
+No bias correction.  ``weight_decay_mode="adam"`` instead adds ``weight_decay * W`` to the
+gradient.  ``beta=None`` keeps no first moment (update ``G / (sqrt(V) + eps)``).  With
+``vector_reshape=False`` parameters with at most one dimension keep full-size moments (same
+schedules) instead of factors.  :math:`r_X c_X^T` is the closed-form rank-1 factorization that
+minimises the I-divergence to :math:`|X|`; it is exact whenever :math:`|X|` has rank 1.
+
+Memory: ``rows + cols`` floats per moment and ``rows * cols / 8`` bytes of packed sign bits
+(:mod:`optimlib.optim.bitpack`), i.e. about 1/64 of Adam's ``8 N`` bytes for a large matrix
+(the paper's "up to 96 %" with a byte-per-element sign; ~98 % bit-packed).
+
+Prime sizes (padding, not splitting).  The most nearly square factorisation of ``N`` can be
+very lopsided (``N`` prime gives ``(N, 1)``, ``2p`` gives ``(p, 2)``), which would store the
+factors at full size and silently lose the saving.  :func:`smmf_matrix_shape` therefore pads:
+when the exact shape ``(a, b)`` has ``a + b > 2 * (r + c)`` for ``c = isqrt(N)``,
+``r = ceil(N / c)``, the parameter is viewed as ``(r, c)`` with ``r * c - N < c`` virtual zero
+elements at the end.  Those elements carry no gradient and their moments are held at zero (so
+they only enter the factors as zeros); they are never written to the parameter.
+
+Distributed: the ``(rows, cols)`` matrix is row-sharded with :class:`optimlib.distributed.RowBlock`
+(``rows >= cols`` always): the row factors and the sign bits of a rank's owned rows stay on that
+rank, the column factors are the all-reduce of the ranks' partial column sums (one collective of
+``2 * cols`` numbers per parameter and step, plus RowBlock's edge exchange of one row when shards
+start mid-row).  Under FSDP2 the rank-local state is stored as ``(world, k)`` DTensors sharded on
+dim 0 (one slot per rank) so that distributed checkpoints save every rank's piece.
+
+Peak memory: parameters are processed one at a time, with the full-size ``M``/``V`` temporaries
+of only that parameter's owned rows alive at any moment.
+
+:func:`smmf_direction` is the reusable core over ``(R, n)`` owned rows and a ``RowBlock`` (for
+example a projected low-rank GaLore gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
+from optimlib.distributed.row_block import FlatSlice, RowBlock, near_square
+from optimlib.optim.bitpack import pack_bits, packed_numel, unpack_bits
+
+__all__ = ["SMMF", "smmf_direction", "smmf_matrix_shape", "smmf_betas", "init_smmf_state"]
+
+
+# ----------------------------------------------------------------------------- shapes and schedules
+def smmf_matrix_shape(numel: int) -> tuple[int, int]:
+    """The ``(rows, cols)`` matrix SMMF views a parameter of ``numel`` elements as.
+
+    ``rows >= cols`` and ``rows * cols >= numel``: the most nearly square exact factorisation,
+    unless padding to ``(ceil(numel / isqrt(numel)), isqrt(numel))`` halves the factor length
+    (prime and other lopsided sizes; see the module docstring).
+    """
+    numel = int(numel)
+    if numel <= 0:
+        return (0, 1)
+    a, b = near_square(numel)
+    cols = math.isqrt(numel)
+    rows = -(-numel // cols)
+    if a + b > 2 * (rows + cols):
+        return rows, cols
+    return a, b
+
+
+def smmf_betas(step: float, beta: float | None, decay_rate: float, growth_rate: float) -> tuple[float | None, float]:
+    """``(beta1_t, beta2_t)`` at (1-based) step ``step``."""
+    beta1 = None if beta is None else beta * growth_rate ** (step - 1)
+    beta2 = 1.0 - step ** decay_rate
+    return beta1, beta2
+
+
+def init_smmf_state(num_rows: int, num_cols: int, *, momentum: bool = True, device=None) -> dict[str, torch.Tensor]:
+    """Zero factor state for ``num_rows`` owned rows of a matrix with ``num_cols`` columns."""
+    f32 = dict(dtype=torch.float32, device=device)
+    state = {"exp_avg_sq_row": torch.zeros(num_rows, **f32), "exp_avg_sq_col": torch.zeros(num_cols, **f32)}
+    if momentum:
+        state["exp_avg_row"] = torch.zeros(num_rows, **f32)
+        state["exp_avg_col"] = torch.zeros(num_cols, **f32)
+        state["exp_avg_sign"] = torch.zeros(packed_numel(num_rows * num_cols), dtype=torch.uint8, device=device)
+    return state
+
+
+# ----------------------------------------------------------------------------- the core
+def _normalise(col: torch.Tensor) -> torch.Tensor:
+    total = col.sum()
+    return col / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def smmf_direction(grad_rows: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: torch.Tensor,
+                   exp_avg_sq_col: torch.Tensor, beta2: float, eps: float,
+                   exp_avg_row: torch.Tensor | None = None, exp_avg_col: torch.Tensor | None = None,
+                   exp_avg_sign: torch.Tensor | None = None, beta1: float | None = None,
+                   valid_numel: int | None = None) -> torch.Tensor:
+    """One SMMF moment update on this rank's owned rows; returns the update rows ``M / (sqrt(V) + eps)``.
+
+    ``grad_rows``: the ``(R, n)`` rows ``[block.row_start, block.row_end)`` of the ``(m, n)``
+    matrix view of the gradient.  The factor tensors (float32) are updated in place:
+    ``*_row`` hold the ``R`` owned row sums, ``*_col`` the ``n`` normalised column sums (equal on
+    every rank), ``exp_avg_sign`` the packed sign bits of the owned rows (row-major).  Pass
+    ``beta1=None`` (and no first-moment tensors) for the variant without a first moment.
+    ``valid_numel``: elements of the flattened matrix at or beyond this index are padding; their
+    moments are held at zero.
+
+    Collective: one ``all_reduce`` of ``2 n`` (or ``n``) numbers when ``block`` spans several
+    ranks; every rank must call it.  The result is float32 (callers cast to the parameter dtype).
+    """
+    R, n = grad_rows.shape
+    g = grad_rows.float()
+    momentum = beta1 is not None
+    pad_from = None
+    if valid_numel is not None:
+        first = valid_numel - block.row_start * n
+        if first < R * n:
+            pad_from = max(first, 0)
+
+    # Decompress and update the second moment.
+    v = torch.outer(exp_avg_sq_row, exp_avg_sq_col)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if pad_from is not None:
+        v.view(-1)[pad_from:] = 0
+    parts = []
+    if momentum:
+        m = torch.outer(exp_avg_row, exp_avg_col)
+        signs = unpack_bits(exp_avg_sign, R * n).view(R, n)
+        m.mul_(torch.where(signs, 1.0, -1.0))
+        del signs
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        if pad_from is not None:
+            m.view(-1)[pad_from:] = 0
+        # Compress the first moment: sign bits, then rank-1 factors of |M|.
+        pack_bits(m > 0, out=exp_avg_sign)
+        abs_m = m.abs()
+        exp_avg_row.copy_(abs_m.sum(dim=1))
+        parts.append(abs_m.sum(dim=0))
+        del abs_m
+    exp_avg_sq_row.copy_(v.sum(dim=1))
+    parts.append(v.sum(dim=0))
+    cols = torch.cat(parts) if len(parts) > 1 else parts[0]
+    block.all_reduce(cols)
+    if momentum:
+        exp_avg_col.copy_(_normalise(cols[:n]))
+        exp_avg_sq_col.copy_(_normalise(cols[n:]))
+    else:
+        exp_avg_sq_col.copy_(_normalise(cols))
+
+    denom = v.sqrt_().add_(eps)
+    if momentum:
+        return m.div_(denom)
+    return torch.div(g, denom, out=denom)
+
+
+# ----------------------------------------------------------------------------- layout helpers
+def _extend(piece: FlatSlice, total: int) -> FlatSlice:
+    """``piece`` with the flat parameter extended by virtual zeros to ``total`` elements."""
+    if total == piece.numel:
+        return piece
+    n = piece.numel
+    bounds = tuple((a if a < n else total, b if b < n else total) for a, b in piece.bounds)
+    return FlatSlice(total, bounds, piece.rank, piece.group)
+
+
+def _ext_flat(t: torch.Tensor, piece: FlatSlice, ext: FlatSlice) -> torch.Tensor:
+    """The rank's ``[a, b)`` elements of ``t`` (local layout), plus the virtual zeros of ``ext``."""
+    flat = t.reshape(-1)[: piece.stop - piece.start]
+    extra = (ext.stop - ext.start) - flat.numel()
+    if extra > 0:
+        flat = torch.cat([flat, flat.new_zeros(extra)])
+    return flat
+
+
+def _slot(local: torch.Tensor, size: int, p: torch.Tensor) -> torch.Tensor:
+    """Rank-local state; under FSDP2 a ``(world, size)`` DTensor with one row per rank."""
+    if not is_dtensor(p):
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    buf = local.new_zeros(1, size)
+    buf[0, : local.numel()] = local
+    return DTensor.from_local(buf, p.device_mesh, [Shard(0)], run_check=False)
+
+
+def _unslot(t: torch.Tensor, length: int) -> torch.Tensor:
+    if is_dtensor(t):
+        return to_local(t)[0, :length]
+    return t
+
+
+# ----------------------------------------------------------------------------- the optimizer
+_FACTOR_KEYS = ("exp_avg_row", "exp_avg_col", "exp_avg_sq_row", "exp_avg_sq_col")
+
+
+class SMMF(Optimizer):
+    r"""SMMF (Park & Lee, AAAI 2025, arXiv:2412.08894): Adam-style moments stored as rank-1 factors.
+
+    .. math::
+        \beta_{1,t} = \beta\gamma^{t-1},\quad \beta_{2,t} = 1 - t^{c},\\
+        M_t = \beta_{1,t}\, S_{t-1}\odot(r_{M}c_{M}^\top) + (1-\beta_{1,t})\bar G_t,\quad
+        V_t = \beta_{2,t}\, r_{V}c_{V}^\top + (1-\beta_{2,t})\bar G_t^2,\\
+        \theta_t = \theta_{t-1}(1-\eta\lambda) - \eta\, M_t / (\sqrt{V_t} + \epsilon)
+
+    then :math:`S_t = \operatorname{sign}(M_t)` (1 bit per element),
+    :math:`r = |X|\mathbf 1`, :math:`c = |X|^\top\mathbf 1 / \mathbf 1^\top|X|\mathbf 1` for
+    :math:`X \in \{M_t, V_t\}`; :math:`\bar G_t` is the gradient viewed as a near-square matrix
+    (:func:`smmf_matrix_shape`; lopsided sizes such as primes are zero-padded, see the module
+    docstring).  No bias correction.
+
+    Args:
+        params: parameters or param groups (may carry ``"shapes"``: global shapes, needed under
+            DeepSpeed ZeRO with one parameter per group).
+        lr: learning rate (>= 0).
+        beta: first-moment rate in [0, 1), or ``None`` for no first moment.
+        eps: added to ``sqrt(V)`` (>= 0).
+        weight_decay: >= 0.
+        decay_rate: ``c`` of ``beta2_t = 1 - t**c``, in [-1, 0] (-0.5 for CNNs, -0.8 for
+            Transformers in the paper's README).
+        growth_rate: ``gamma`` of ``beta1_t = beta * gamma**(t-1)``, in [0, 1].
+        vector_reshape: square-matricize 0-D/1-D parameters too (else they keep full moments).
+        weight_decay_mode: ``"adamw"`` (decoupled) or ``"adam"`` (L2 added to the gradient).
+
+    State (tensors only, per parameter): ``step``; ``exp_avg_sq_row``/``exp_avg_sq_col`` and, with
+    a first moment, ``exp_avg_row``/``exp_avg_col``/``exp_avg_sign`` (packed ``uint8``); or
+    ``exp_avg``/``exp_avg_sq`` for unfactored vectors.  Row factors and sign bits cover this
+    rank's owned rows only, so a checkpoint resumes on the same layout (world size and sharding).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, beta: float | None = 0.9, eps: float = 1e-8,
+                 weight_decay: float = 0.0, decay_rate: float = -0.5, growth_rate: float = 0.999,
+                 vector_reshape: bool = True, weight_decay_mode: str = "adamw"):
+        def check(name, value, ok, accepted):
+            if not ok:
+                raise ValueError(f"invalid {name}={value!r}: accepted range is {accepted}")
+
+        check("lr", lr, lr >= 0, "lr >= 0")
+        check("beta", beta, beta is None or 0.0 <= beta < 1.0, "[0, 1) or None")
+        check("eps", eps, eps >= 0, "eps >= 0")
+        check("weight_decay", weight_decay, weight_decay >= 0, "weight_decay >= 0")
+        check("decay_rate", decay_rate, -1.0 <= decay_rate <= 0.0, "[-1, 0]")
+        check("growth_rate", growth_rate, 0.0 <= growth_rate <= 1.0, "[0, 1]")
+        check("weight_decay_mode", weight_decay_mode, weight_decay_mode in ("adamw", "adam"),
+              "'adamw' or 'adam'")
+        defaults = dict(lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, decay_rate=decay_rate,
+                        growth_rate=growth_rate, vector_reshape=bool(vector_reshape),
+                        weight_decay_mode=weight_decay_mode)
+        super().__init__(params, defaults)
+
+    # torch casts floating state to the parameter's dtype on load: keep the packed sign uint8,
+    # the factors float32 and the step float32 as they were saved.
+    def load_state_dict(self, state_dict) -> None:
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        keep = {}
+        for pid, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if isinstance(value, torch.Tensor) and (key == "exp_avg_sign" or key in _FACTOR_KEYS
+                                                        or key == "step"):
+                    keep[(id(p), key)] = (p, value)
+        super().load_state_dict(state_dict)
+        for (_, key), (p, value) in keep.items():
+            self.state[p][key] = value.to(device=to_local(p).device) if key != "step" else value.float()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            shapes = group.get("shapes")
+            if shapes is not None and group["params"] and len(shapes) != len(group["params"]):
+                raise ValueError(
+                    f"param group has {len(group['params'])} tensors but {len(shapes)} shapes: under DeepSpeed "
+                    "ZeRO shape-aware optimizers need one parameter per group "
+                    "(optimlib.optim.param_groups(model, per_parameter_groups=True))")
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SMMF does not support sparse gradients")
+                self._step_param(p, group, i)
+        return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict, index: int) -> None:
+        shape = global_shape(p, group, index)
+        numel = math.prod(shape)
+        if numel == 0:
+            return
+        local, piece = local_piece(p, shape)
+        grad = to_local(p.grad)
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta = group["beta"]
+        state = self.state[p]
+        factored = len(shape) >= 2 or group["vector_reshape"]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            self._init_state(state, p, local, piece, numel, factored, beta is not None)
+        state["step"] += 1
+        step = float(state["step"].item())
+        beta1, beta2 = smmf_betas(step, beta, group["decay_rate"], group["growth_rate"])
+        if wd > 0 and group["weight_decay_mode"] == "adam":
+            grad = grad.add(local, alpha=wd)
+
+        if not factored:
+            exp_avg_sq = to_local(state["exp_avg_sq"])
+            g = grad.float()
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = exp_avg_sq.sqrt().add_(eps)
+            if beta1 is None:
+                update = g / denom
+            else:
+                exp_avg = to_local(state["exp_avg"])
+                exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+                update = exp_avg / denom
+            if wd > 0 and group["weight_decay_mode"] == "adamw":
+                local.mul_(1 - lr * wd)
+            local.add_(update.to(local.dtype), alpha=-lr)
+            return
+
+        rows, cols = smmf_matrix_shape(numel)
+        ext = _extend(piece, rows * cols)
+        block = RowBlock((rows, cols), ext)
+        g_rows = block.rows(_ext_flat(grad, piece, ext))
+        R = block.num_rows
+        factors = {k: _unslot(state[k], R if k.endswith("_row") else cols)
+                   for k in _FACTOR_KEYS if k in state}
+        if beta1 is not None:
+            factors["exp_avg_sign"] = _unslot(state["exp_avg_sign"], packed_numel(R * cols))
+        update_rows = smmf_direction(g_rows, block, beta1=beta1, beta2=beta2, eps=eps,
+                                     valid_numel=numel if rows * cols != numel else None, **factors)
+        del g_rows
+        update = block.to_local(update_rows)
+        del update_rows
+        if wd > 0 and group["weight_decay_mode"] == "adamw":
+            local.mul_(1 - lr * wd)
+        count = piece.stop - piece.start
+        if count:
+            update = update[:count].to(local.dtype)
+            flat = local.view(-1) if local.is_contiguous() else None
+            if flat is not None:
+                flat[:count].add_(update, alpha=-lr)
+            else:
+                full = torch.zeros(local.numel(), dtype=local.dtype, device=local.device)
+                full[:count] = update
+                local.add_(full.view(local.shape), alpha=-lr)
+
+    def _init_state(self, state: dict, p: torch.Tensor, local: torch.Tensor, piece: FlatSlice,
+                    numel: int, factored: bool, momentum: bool) -> None:
+        if not factored:
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if momentum:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            return
+        rows, cols = smmf_matrix_shape(numel)
+        block = RowBlock((rows, cols), _extend(piece, rows * cols))
+        R = block.num_rows
+        most = max(e - s for s, e in block._owned)
+        fresh = init_smmf_state(R, cols, momentum=momentum, device=local.device)
+        for key, value in fresh.items():
+            if key.endswith("_row"):
+                state[key] = _slot(value, most, p)
+            elif key == "exp_avg_sign":
+                state[key] = _slot(value, packed_numel(most * cols), p)
+            else:  # column factors are identical on every rank: plain (replicated) tensors
+                state[key] = value
+
+
+# ----------------------------------------------------------------------------- registry
+from optimlib.optim.factory import register_optimizer  # noqa: E402
+
+
+def _build_smmf(groups, lr, **kwargs):
+    return SMMF(groups, lr=lr, **kwargs)
+
+
+register_optimizer("smmf", _build_smmf, shape_aware=True,
+                   description="SMMF (Park & Lee, AAAI 2025): rank-1 factorized Adam moments with a 1-bit sign")

@@ -1,0 +1,308 @@
+"""The three ways ``launch/pretrain.py`` runs a model: one process, FSDP2, DeepSpeed ZeRO.
+
+Each engine owns the wrapped model and the optimizer and offers the same small surface to the
+training loop: ``forward_backward`` for one micro-batch, ``step`` at the accumulation boundary,
+``set_lr``, ``save``/``load`` and the memory counters.  The loop itself (``loop.py``) is the
+same for all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from optimlib.distributed.layout import to_local
+from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes
+from optimlib.train.config import ConfigError, RunConfig
+
+
+def detect_engine(cfg: RunConfig, argv_local_rank: int | None) -> str:
+    """``auto``: deepspeed under the deepspeed launcher, fsdp2 under torchrun, else single."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    if argv_local_rank is not None or "CROSS_RANK" in os.environ:
+        return "deepspeed"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "fsdp2"
+    return "single"
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group the launcher described (env://); returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def unwrap_optimizer(opt) -> torch.optim.Optimizer:
+    """The client optimizer inside DeepSpeed's ZeRO / mixed-precision wrappers."""
+    while not isinstance(opt, torch.optim.Optimizer) or type(opt).__module__.startswith("deepspeed"):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    return opt
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds (local shard under FSDP2 / ZeRO-3)."""
+    total = 0
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = to_local(p) if t is None else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class StepResult:
+    grad_norm: float | None
+
+
+class Engine:
+    """Shared behaviour; subclasses wrap the model and optimizer their way."""
+
+    name = "single"
+
+    def __init__(self, cfg: RunConfig, device: torch.device, rank: int, world_size: int):
+        self.cfg = cfg
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.model: nn.Module | None = None
+        self.optimizer = None
+        dtype = cfg.train.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+
+    # -------------------------------------------------------------- construction
+    def _optimizer_kwargs(self, per_parameter_groups: bool = False) -> dict:
+        o = self.cfg.optim
+        kwargs = dict(lr=o.lr, weight_decay=o.weight_decay, **o.kwargs)
+        if o.betas is not None:
+            kwargs["betas"] = tuple(o.betas)
+        if o.eps is not None:
+            kwargs["eps"] = o.eps
+        if o.target_modules is not None:
+            kwargs["target_modules"] = o.target_modules
+        if per_parameter_groups:
+            kwargs["per_parameter_groups"] = True
+        return kwargs
+
+    def build_optimizer(self, model: nn.Module, per_parameter_groups: bool = False):
+        try:
+            return create_optimizer(model, self.cfg.optim.name, **self._optimizer_kwargs(per_parameter_groups))
+        except TypeError as exc:
+            raise ConfigError(f"config section 'optim' (optim.kwargs) does not fit optimizer "
+                              f"{self.cfg.optim.name!r}: {exc}") from None
+
+    def setup(self, model: nn.Module) -> None:
+        self.model = model.to(self.device)
+        self.optimizer = self.build_optimizer(self.model)
+
+    # -------------------------------------------------------------- training
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float, last: bool) -> torch.Tensor:
+        loss = self.loss(x, y)
+        (loss * scale).backward()
+        return loss.detach()
+
+    def step(self) -> StepResult:
+        norm = None
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm)
+
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def set_lr(self, factor: float) -> None:
+        for group in self.param_groups():
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * factor
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        try:
+            return self.loss(x, y)
+        finally:
+            self.model.train()
+
+    # -------------------------------------------------------------- accounting
+    def client_optimizer(self) -> torch.optim.Optimizer:
+        return unwrap_optimizer(self.optimizer)
+
+    def optimizer_state_bytes(self) -> int:
+        return optimizer_state_bytes(self.client_optimizer())
+
+    def param_bytes(self) -> int:
+        return param_bytes(self.model)
+
+    def all_reduce_sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        t = tensor.detach().to(self._comm_device(), torch.float64).clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group together: a rank that exits while its peers still talk to it
+        aborts in gloo's destructor ("terminate called without an active exception")."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+class SingleEngine(Engine):
+    name = "single"
+
+
+class FSDP2Engine(Engine):
+    """``fully_shard`` on every transformer block, then on the root (torchrun)."""
+
+    name = "fsdp2"
+
+    def setup(self, model: nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = model.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        self.model = model
+        self.optimizer = self.build_optimizer(model)
+
+    def forward_backward(self, x, y, scale, last):
+        # Skip the reduce-scatter on all but the last micro-batch of the step.
+        self.model.set_requires_gradient_sync(last)
+        return super().forward_backward(x, y, scale, last)
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` with our optimizer as the client optimizer."""
+
+    name = "deepspeed"
+
+    def ds_config(self) -> dict:
+        import json
+
+        cfg = self.cfg
+        base: dict = {}
+        if cfg.deepspeed.config:
+            path = cfg.deepspeed.config
+            if not os.path.isfile(path):
+                raise ConfigError(f"config key 'deepspeed.config': file '{path}' does not exist")
+            with open(path) as fh:
+                base = json.load(fh)
+        t = cfg.train
+        accum = t.batch_size // (t.micro_batch * self.world_size)
+        for key, ours in (("train_batch_size", t.batch_size), ("train_micro_batch_size_per_gpu", t.micro_batch),
+                          ("gradient_accumulation_steps", accum), ("gradient_clipping", t.grad_clip)):
+            if key in base and base[key] != ours:
+                raise ConfigError(f"deepspeed JSON '{cfg.deepspeed.config}' sets {key}={base[key]}, which "
+                                  f"contradicts the run config ({key} comes from train.batch_size, "
+                                  f"train.micro_batch, train.grad_clip and the world size); remove it from the JSON")
+        zero = dict(base.get("zero_optimization", {}))
+        if "stage" in zero and zero["stage"] != cfg.deepspeed.zero_stage and cfg.deepspeed.zero_stage:
+            raise ConfigError(f"deepspeed JSON sets zero_optimization.stage={zero['stage']} but "
+                              f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}")
+        zero.setdefault("stage", cfg.deepspeed.zero_stage)
+        out = {
+            **base,
+            "train_batch_size": t.batch_size,
+            "train_micro_batch_size_per_gpu": t.micro_batch,
+            "gradient_accumulation_steps": accum,
+            # DeepSpeed 0.19 clips at 1.0 unless told: always say it explicitly.
+            "gradient_clipping": t.grad_clip,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": zero,
+            "steps_per_print": 10 ** 9,
+        }
+        if self.autocast_dtype is torch.bfloat16:
+            out.setdefault("bf16", {"enabled": True})
+        return out
+
+    def setup(self, model: nn.Module) -> None:
+        import deepspeed
+
+        spec = get_optimizer_spec(self.cfg.optim.name)
+        model = model.to(self.device)
+        # Shape-aware optimizers need one parameter per group so that each ZeRO partition is a
+        # slice of one parameter (see optimlib.distributed.layout).
+        optimizer = self.build_optimizer(model, per_parameter_groups=spec.shape_aware)
+        self.autocast_dtype = None  # DeepSpeed's bf16 section casts the model itself
+        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(),
+                                                    dist_init_required=False)
+        self.model = engine
+        self.optimizer = ds_opt
+
+    def loss(self, x, y):
+        logits = self.model(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    def forward_backward(self, x, y, scale, last):
+        loss = self.loss(x, y)
+        self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        self.model.step()  # a no-op until the accumulation boundary
+        return loss.detach()
+
+    def step(self) -> StepResult:
+        norm = self.model.get_global_grad_norm() if self.cfg.train.grad_clip > 0 else None
+        return StepResult(float(norm) if norm is not None else None)
+
+    def param_bytes(self) -> int:
+        return param_bytes(self.model.module)
+
+
+ENGINES = {"single": SingleEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}

@@ -1,0 +1,202 @@
+"""The pretraining loop behind ``launch/pretrain.py``: plain, the same for every engine.
+
+Each optimizer step takes the global batch ``global_batch_indices(step, ...)``; rank ``r`` takes
+its contiguous part and splits it into micro-batches, so a run on 1 or N ranks, with any
+engine, sees the same global batches step by step and the losses are comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from optimlib.data import PackedBlocks, global_batch_indices, load_corpus, rank_indices
+from optimlib.models import build_model
+from optimlib.train import checkpoint
+from optimlib.train.config import ConfigError, RunConfig, to_dict
+from optimlib.train.engine import ENGINES, detect_engine, init_distributed, pick_device
+from optimlib.train.metrics import MetricsWriter, format_bytes, peak_flops, peak_rss_bytes, write_summary
+from optimlib.train.schedule import warmup_cosine
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _apply_reparam(model, cfg: RunConfig):
+    if not cfg.reparam.method:
+        return model
+    from optimlib import reparam
+
+    apply = getattr(reparam, "apply", None)
+    if apply is None:
+        raise ConfigError(f"config key 'reparam.method' = {cfg.reparam.method!r}: this build of optimlib "
+                          f"has no reparameterizations yet")
+    return apply(model, cfg.reparam.method, targets=cfg.reparam.targets, **cfg.reparam.options)
+
+
+def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
+    """Run the configured pretraining; returns the summary (also written to ``summary.json``)."""
+    engine_name = detect_engine(cfg, local_rank)
+    device = pick_device(cfg)
+    rank, world = init_distributed(device) if engine_name != "single" else (0, 1)
+    if engine_name == "single" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("engine=single was asked for, but the launcher started several ranks")
+    t = cfg.train
+    if t.batch_size % (t.micro_batch * world):
+        raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
+                          f"train.micro_batch x world size ({t.micro_batch} x {world})")
+    accum = t.batch_size // (t.micro_batch * world)
+    out_dir = Path(cfg.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    resume_path = checkpoint.resolve_resume(cfg.resume, ckpt_root)
+
+    corpus = load_corpus(cfg.data)
+    seed_everything(cfg.seed)
+    overrides = {"max_seq_len": max(cfg.data.seq_len, 1)}
+    if cfg.model.vocab_size is not None:
+        overrides["vocab_size"] = cfg.model.vocab_size
+    model = build_model(cfg.model.name, **overrides)
+    if corpus.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"the corpus has {corpus.vocab_size} token ids but model '{cfg.model.name}' has a "
+                          f"vocabulary of {model.config.vocab_size}; set model.vocab_size")
+    model = _apply_reparam(model, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
+
+    engine = ENGINES[engine_name](cfg, device, rank, world)
+    engine.setup(model)
+
+    train_blocks = PackedBlocks(corpus.train, cfg.data.seq_len)
+    eval_blocks = PackedBlocks(corpus.eval, cfg.data.seq_len)
+    n_eval = min(t.eval_blocks, len(eval_blocks)) // world * world
+    if n_eval == 0:
+        raise ConfigError(f"the held-out split has {len(eval_blocks)} blocks of data.seq_len+1 tokens, fewer "
+                          f"than the {world} rank(s); raise data.eval_fraction or lower data.seq_len")
+    eval_batch = eval_blocks.get(rank_indices(np.arange(n_eval), rank, world)).to(device)
+
+    start_step = 0
+    if resume_path is not None:
+        meta = checkpoint.load(engine, resume_path)
+        start_step = int(meta["step"])
+    writer = MetricsWriter(out_dir, enabled=rank == 0, append=start_step > 0)
+    writer.truncate_after(start_step)
+
+    def evaluate() -> float:
+        losses = [engine.eval_loss(eval_batch[i:i + t.micro_batch, :-1], eval_batch[i:i + t.micro_batch, 1:])
+                  for i in range(0, eval_batch.size(0), t.micro_batch)]
+        return float(engine.all_reduce_mean(torch.stack(losses).mean()))
+
+    progress = None
+    if rank == 0 and t.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=t.steps, initial=start_step, desc=f"pretrain[{engine_name}x{world}]",
+                        dynamic_ncols=True)
+    first_eval = None
+    if start_step == 0:
+        first_eval = evaluate()
+        writer.log(0, eval_loss=first_eval, eval_ppl=float(np.exp(min(first_eval, 50))))
+    last_loss = last_eval = None
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    train_time = 0.0
+    step = start_step
+    for step in range(start_step, t.steps):
+        tic = time.perf_counter()
+        factor = warmup_cosine(step, total_steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
+        engine.set_lr(factor)
+        mine = rank_indices(global_batch_indices(step, t.batch_size, len(train_blocks), cfg.seed), rank, world)
+        losses = []
+        for k in range(accum):
+            batch = train_blocks.get(mine[k * t.micro_batch:(k + 1) * t.micro_batch]).to(device)
+            losses.append(engine.forward_backward(batch[:, :-1], batch[:, 1:], 1.0 / accum, last=k == accum - 1))
+        result = engine.step()
+        last_loss = float(engine.all_reduce_mean(torch.stack(losses).mean()))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - tic
+        done = step + 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.3f}")
+        if done % max(t.log_every, 1) == 0 or done == t.steps or done == 1:
+            writer.log(done, loss=last_loss, lr=cfg.optim.lr * factor, grad_norm=result.grad_norm,
+                       tokens_per_s=(done - start_step) * tokens_per_step / max(train_time, 1e-9))
+        if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+            last_eval = evaluate()
+            writer.log(done, eval_loss=last_eval, eval_ppl=float(np.exp(min(last_eval, 50))))
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+            checkpoint.save(engine, ckpt_root, done, {"seed": cfg.seed})
+            if rank == 0:
+                checkpoint.prune(ckpt_root, t.keep_checkpoints)
+    if progress is not None:
+        progress.close()
+    final_step = t.steps
+    last_eval = evaluate()
+    writer.log(final_step, eval_loss=last_eval, eval_ppl=float(np.exp(min(last_eval, 50))))
+    checkpoint.save(engine, ckpt_root, final_step, {"seed": cfg.seed})
+    if rank == 0:
+        checkpoint.prune(ckpt_root, t.keep_checkpoints)
+
+    state_bytes = engine.optimizer_state_bytes()
+    p_bytes = engine.param_bytes()
+    steps_run = final_step - start_step
+    tokens_per_s = steps_run * tokens_per_step / train_time if train_time > 0 else None
+    peak = peak_flops(device)
+    summary = {
+        "steps": final_step,
+        "steps_this_run": steps_run,
+        "tokens": final_step * tokens_per_step,
+        "first_eval_loss": (first_eval if first_eval is not None else
+                            next((r["eval_loss"] for r in writer.records if "eval_loss" in r), None)),
+        "final_train_loss": last_loss,
+        "final_eval_loss": last_eval,
+        "tokens_per_s": tokens_per_s,
+        "mfu": (flops_per_token * tokens_per_s / (peak * world)) if peak and tokens_per_s else None,
+        "num_parameters": n_params,
+        "param_bytes": p_bytes,
+        "param_bytes_all_ranks": int(engine.all_reduce_sum(p_bytes)),
+        "optimizer_state_bytes": state_bytes,
+        "optimizer_state_bytes_all_ranks": int(engine.all_reduce_sum(state_bytes)),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "world_size": world,
+        "engine": engine_name,
+        "optimizer": cfg.optim.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "corpus": corpus.description,
+        "resumed_from": str(resume_path) if resume_path else None,
+        "config": to_dict(cfg),
+    }
+    if rank == 0:
+        writer.plot(out_dir / "loss.png")
+        write_summary(out_dir / "summary.json", summary)
+        print(render_summary(summary, out_dir))
+    writer.close()
+    engine.close()
+    return summary
+
+
+def render_summary(s: dict, out_dir: Path) -> str:
+    tps = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "n/a"
+    first = f"{s['first_eval_loss']:.4f}" if s["first_eval_loss"] is not None else "n/a"
+    lines = [
+        f"optimlib pretrain: {s['engine']} x{s['world_size']}, optimizer {s['optimizer']}, {s['device']}",
+        f"  steps            {s['steps']} ({s['tokens']:,} tokens)",
+        f"  train loss       {s['final_train_loss']:.4f}",
+        f"  eval loss        {first} -> {s['final_eval_loss']:.4f}",
+        f"  tokens/s         {tps}" + (f"  (MFU {100 * s['mfu']:.1f}%)" if s.get("mfu") else ""),
+        f"  parameters       {s['num_parameters']:,} ({format_bytes(s['param_bytes'])} on this rank)",
+        f"  optimizer state  {format_bytes(s['optimizer_state_bytes'])} on this rank, "
+        f"{format_bytes(s['optimizer_state_bytes_all_ranks'])} over all ranks",
+        f"  TensorBoard      tensorboard --logdir {out_dir / 'tensorboard'}",
+        f"  summary          {out_dir / 'summary.json'}  (loss curve: {out_dir / 'loss.png'})",
+    ]
+    return "\n".join(lines)

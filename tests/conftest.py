@@ -1,0 +1,72 @@
+"""Shared test helpers: launching 2-rank CPU runs with torchrun or the deepspeed launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "launch" / "pretrain.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    """Environment for a CPU multi-process run: gloo, DeepSpeed's CPU accelerator, 1 thread/rank."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT", "CROSS_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def launch(script: str | Path, args: list[str], *, launcher: str = "python", nproc: int = 2,
+           timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``script args`` under ``python``, ``torchrun`` or ``deepspeed`` with ``nproc`` CPU ranks."""
+    port = str(free_port())
+    if launcher == "python":
+        cmd = [sys.executable, str(script), *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={port}", str(script), *args]
+    elif launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", port, str(script), *args]
+    else:
+        raise ValueError(launcher)
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+# A tiny, fast pretraining config shared by the launcher tests.
+TINY_RUN = ["model.name=llama_tiny", "data.max_bytes=400000", "data.seq_len=32", "train.batch_size=8",
+            "train.micro_batch=2", "train.steps=6", "train.warmup_steps=2", "train.eval_every=3",
+            "train.eval_blocks=8", "train.log_every=1", "train.progress=false", "optim.lr=3e-3"]
+
+
+@pytest.fixture
+def tiny_run():
+    return list(TINY_RUN)

@@ -1,0 +1,205 @@
+"""Worker for test_adamp_smmf_distributed.py: AdamP, SGDP and SMMF on uneven shapes.
+
+``python worker.py single OUT`` trains in one process; ``torchrun --nproc_per_node 2 worker.py
+fsdp2 OUT`` shards every parameter with FSDP2 ``fully_shard`` (``Shard(0)``, uneven rows);
+``torchrun ... worker.py ds1|ds2|ds3 OUT`` runs DeepSpeed ZeRO-1/2/3 with one parameter per
+param group (flat partitions that start and end mid-row).  All runs see the same global batches
+in fp32 and write the final full parameters and every rank's optimizer-state bytes to ``OUT``.
+The FSDP2 run also checks exact resume: 5 steps, a ``torch.distributed.checkpoint`` save, a fresh
+model and optimizer, a load and 5 more steps must give the uninterrupted run's parameters.
+
+The model has 2-D weights of 37x53, 53x96 and 96x37 elements, biases of 96 and 37 (prime: SMMF
+pads it) elements and a 4-D conv weight (7x3x3x3).  ``l1`` is followed by a LayerNorm (scale-
+invariant as a whole: AdamP/SGDP take the layer-view projection) and ``conv`` by a per-channel
+GroupNorm (each output channel is scale-invariant: the channel-view projection); the other
+weights are not scale-invariant.  ``adamw`` (torch.optim.AdamW) is a control: its error shows
+how much of the difference the data-parallel gradient averaging alone makes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+STEPS = 10
+GLOBAL_BATCH = 8
+
+# name -> (registry name, constructor kwargs)
+OPTIMIZERS = {
+    "adamw": ("adamw", dict(lr=1e-2, weight_decay=1e-2)),
+    "adamp": ("adamp", dict(lr=1e-2, weight_decay=1e-2, nesterov=True)),
+    "sgdp": ("sgdp", dict(lr=5e-2, momentum=0.9, weight_decay=1e-3)),
+    "smmf": ("smmf", dict(lr=1e-2, weight_decay=1e-2, decay_rate=-0.8)),
+}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(37, 53, bias=False)           # (53, 37): followed by a norm
+        self.norm = nn.LayerNorm(53, elementwise_affine=False)
+        self.l2 = nn.Linear(53, 96)                       # (96, 53) + bias 96
+        self.l3 = nn.Linear(96, 37)                       # (37, 96) + bias 37 (prime)
+        self.conv = nn.Conv2d(3, 7, 3, bias=False)       # (7, 3, 3, 3): followed by a per-channel norm
+        self.cnorm = nn.GroupNorm(7, 7, affine=False)
+
+    def forward(self, x, img):
+        h = torch.tanh(self.l2(self.norm(self.l1(x))))
+        return self.l3(h), torch.tanh(self.cnorm(self.conv(img)) + 0.5).mean(dim=(2, 3))
+
+
+def batches():
+    g = torch.Generator().manual_seed(1234)
+    t1 = torch.randn(37, generator=g)
+    t2 = torch.randn(7, generator=g)
+    for _ in range(STEPS):
+        yield torch.randn(GLOBAL_BATCH, 37, generator=g), torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=g), t1, t2
+
+
+def loss_fn(model, x, img, t1, t2):
+    y, c = model(x, img)
+    return F.mse_loss(y, t1.expand_as(y)) + F.mse_loss(c, t2.expand_as(c))
+
+
+def make_model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def unwrap_optimizer(opt):
+    """The client optimizer inside DeepSpeed's ZeRO wrappers."""
+    while type(opt).__module__.startswith("deepspeed") and getattr(opt, "optimizer", None) not in (None, opt):
+        opt = opt.optimizer
+    return opt
+
+
+def _sharded_setup(model, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model
+
+
+def _train(model, opt, data, lo, hi):
+    for x, img, t1, t2 in data:
+        loss = loss_fn(model, x[lo:hi], img[lo:hi], t1, t2)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _replicated_bytes(opt) -> int:
+    """Bytes of state every rank holds in full (step counters, SMMF's column factors)."""
+    from optimlib.distributed.layout import to_local
+
+    return sum(to_local(v).numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
+               if k in ("step", "exp_avg_col", "exp_avg_sq_col"))
+
+
+def _fsdp2_resume_diff(opt_name, lr, wd, kwargs, world, lo, hi, ckpt_dir, reference) -> float:
+    """Train 5 steps, save with torch.distributed.checkpoint, rebuild, load, train 5 more."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from optimlib.optim import create_optimizer
+
+    data = list(batches())
+    model = _sharded_setup(make_model(), world)
+    opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
+    _train(model, opt, data[:5], lo, hi)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+    torch.manual_seed(99)
+    model = _sharded_setup(Net(), world)
+    opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=ckpt_dir)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    _train(model, opt, data[5:], lo, hi)
+    return max((p.full_tensor() - reference[n]).abs().max().item() for n, p in model.named_parameters())
+
+
+def run(engine: str, name: str, out: str) -> dict:
+    from optimlib.optim import create_optimizer, optimizer_state_bytes
+
+    opt_name, kwargs = OPTIMIZERS[name]
+    kwargs = dict(kwargs)
+    lr, wd = kwargs.pop("lr"), kwargs.pop("weight_decay")
+    model = make_model()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per = GLOBAL_BATCH // world
+    lo, hi = rank * per, (rank + 1) * per
+    result = {}
+
+    if engine in ("single", "fsdp2"):
+        if engine == "fsdp2":
+            _sharded_setup(model, world)
+        opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
+        _train(model, opt, batches(), lo, hi)
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                  for n, p in model.named_parameters()}
+        client = opt
+        if engine == "fsdp2":
+            result["resume_max_abs_diff"] = _fsdp2_resume_diff(
+                opt_name, lr, wd, kwargs, world, lo, hi, f"{out}.ckpt-{name}", params)
+    else:
+        import deepspeed
+
+        stage = int(engine[2:])
+        opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, per_parameter_groups=True, **kwargs)
+        cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": per,
+               "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+               "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage},
+               "steps_per_print": 10 ** 9}
+        ds, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
+        for x, img, t1, t2 in batches():
+            loss = loss_fn(ds, x[lo:hi], img[lo:hi], t1, t2)
+            ds.backward(loss)
+            ds.step()
+        client = unwrap_optimizer(ds_opt)
+        params = {}
+        for n, p in ds.module.named_parameters():
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p]):
+                    params[n] = p.detach().clone()
+            else:
+                params[n] = p.detach().clone()
+    state = torch.tensor([optimizer_state_bytes(client), _replicated_bytes(client)], dtype=torch.int64)
+    if world > 1:
+        every = [torch.zeros_like(state) for _ in range(world)]
+        dist.all_gather(every, state)
+        state = torch.stack(every)
+    else:
+        state = state[None]
+    result.update(params=params, state_bytes=state[:, 0].tolist(), replicated_bytes=state[:, 1].tolist())
+    return result
+
+
+def main(engine: str, out: str, names=tuple(OPTIMIZERS)) -> dict:
+    if engine != "single":
+        if engine.startswith("ds"):
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
+        else:
+            dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    results = {name: run(engine, name, out) for name in names}
+    if engine == "single" or dist.get_rank() == 0:
+        torch.save(results, out)
+    if engine != "single":
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(argv[0], argv[1], tuple(argv[2:]) or tuple(OPTIMIZERS))

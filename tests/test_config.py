@@ -1,0 +1,62 @@
+"""The run config: typed, validated, errors that name the key."""
+
+import pytest
+
+from optimlib.train.config import ConfigError, RunConfig, load_config, parse_overrides
+
+
+def test_defaults_and_overrides_typed(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-3", "train.steps=7", "optim.betas=[0.9, 0.99]",
+                             "optim.kwargs={rank: 4}", "resume=auto"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.optim.lr == pytest.approx(3e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 7
+    assert cfg.optim.betas == [0.9, 0.99]
+    assert cfg.optim.kwargs == {"rank": 4}
+    assert cfg.resume == "auto"
+
+
+def test_yaml_file_then_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 11\n  batch_size: 8\n  micro_batch: 4\noptim:\n  lr: 1e-3\n")
+    cfg = load_config(path, ["train.steps=12"])
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.optim.lr) == (12, 8, 1e-3)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1e-3", "optim.lrr"),
+    ("trian.steps=3", "trian"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("optim.lr=fast", "optim.lr"),
+    ("train.progress=maybe", "train.progress"),
+    ("model=llama", "model"),
+    ("train.micro_batch=0", "train.micro_batch"),
+    ("engine=mpi", "engine"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=.nan", "optim.lr"),
+])
+def test_bad_keys_and_types_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_batch_must_divide_into_micro_batches():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=10", "train.micro_batch=4"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/file.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        load_config(path)
