@@ -78,20 +78,26 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) or re.search(p, name + ".") for p in patterns)
 
 
+def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """``(qualified name, module)`` of the trainable 2-D ``nn.Linear`` layers matched by
+    ``target_modules`` (names or regexes; default: the attention and MLP linears)."""
+    targets = tuple(target_modules) if target_modules is not None else DEFAULT_TARGET_MODULES
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and mod.weight.requires_grad and mod.weight.dim() == 2
+             and _matches(name, targets)]
+    if not found:
+        raise ValueError(f"target_modules {list(targets)} matched no nn.Linear in the model")
+    return found
+
+
 def param_groups(model: nn.Module, *, weight_decay: float = 0.0,
                  target_modules: Sequence[str] | None = None, matrix_options: dict | None = None,
                  per_parameter_groups: bool = False) -> list[dict]:
     """Split ``model``'s trainable parameters into decay / no-decay / targeted-matrix groups."""
-    targets = tuple(target_modules) if target_modules is not None else DEFAULT_TARGET_MODULES
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     matrix_ids = set()
     if matrix_options is not None:
-        for mod_name, mod in model.named_modules():
-            if (isinstance(mod, nn.Linear) and mod.weight.requires_grad
-                    and mod.weight.dim() == 2 and _matches(mod_name, targets)):
-                matrix_ids.add(id(mod.weight))
-        if not matrix_ids:
-            raise ValueError(f"target_modules {list(targets)} matched no nn.Linear in the model")
+        matrix_ids = {id(mod.weight) for _, mod in target_linears(model, target_modules)}
 
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "decay": [], "no_decay": []}
     seen = set()

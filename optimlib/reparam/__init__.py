@@ -1,0 +1,105 @@
+"""Weight reparameterizations: one file per method, one entry point.
+
+    model = optimlib.reparam.apply(model, "sltrain", rank=128, density=0.03)
+    ... train with any optimizer, calling optimlib.reparam.after_step(model, opt) after each step ...
+    dense = optimlib.reparam.merge(model)      # plain nn.Linear layers with the same function
+
+A method is registered with :func:`register_reparam` as a function ``convert(linear, **options)``
+that receives one targeted ``nn.Linear`` and returns the module that replaces it: a new module
+(SLTrain, LOST, dynamic rank: module replacement) or the same linear with a
+``torch.nn.utils.parametrize`` parametrization registered on its weight (N:M, compander).
+
+The protocol a reparameterized layer (or parametrization) follows:
+
+* ``merged() -> nn.Linear`` — a replacement module returns the dense layer with the same
+  function (parametrized linears need nothing: :func:`merge` bakes the parametrization in);
+* ``after_step(optimizer)`` — optional; called by :func:`after_step` once per optimizer step,
+  after ``optimizer.step()`` (schedules, rank truncation).  State that a resumed run needs
+  (schedule position, current rank) lives in buffers, so it is part of the model's state_dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from optimlib.optim.factory import target_linears
+
+
+@dataclass(frozen=True)
+class ReparamSpec:
+    name: str
+    convert: Callable[..., nn.Module]
+    defaults: dict = field(default_factory=dict)
+    description: str = ""
+
+
+_REGISTRY: dict[str, ReparamSpec] = {}
+
+
+def register_reparam(name: str, convert: Callable[..., nn.Module], *, defaults: dict | None = None,
+                     description: str = "") -> ReparamSpec:
+    """Register ``convert(linear, **options) -> nn.Module`` under ``name`` (lower-case)."""
+    key = name.lower()
+    if key in _REGISTRY:
+        raise ValueError(f"reparameterization {name!r} is already registered")
+    spec = ReparamSpec(key, convert, dict(defaults or {}), description)
+    _REGISTRY[key] = spec
+    return spec
+
+
+def list_reparams() -> list[str]:
+    """Names accepted by :func:`apply` (and the config's ``reparam.method``)."""
+    return sorted(_REGISTRY)
+
+
+def get_reparam_spec(name: str) -> ReparamSpec:
+    try:
+        return _REGISTRY[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown reparameterization {name!r}; known: {', '.join(list_reparams())}") from None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply(model: nn.Module, method: str, targets: Sequence[str] | None = None, **options) -> nn.Module:
+    """Reparameterize the ``targets`` linears of ``model`` (default: attention and MLP) with
+    ``method``; returns ``model`` (changed in place)."""
+    spec = get_reparam_spec(method)
+    options = {**spec.defaults, **options}
+    for name, linear in target_linears(model, targets):
+        new = spec.convert(linear, **options)
+        if new is not linear:
+            _set_submodule(model, name, new)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Turn every reparameterized layer back into a plain dense ``nn.Linear`` (in place)."""
+    for name, module in list(model.named_modules()):
+        if name and hasattr(module, "merged") and callable(module.merged):
+            _set_submodule(model, name, module.merged())
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return model
+
+
+def after_step(model: nn.Module, optimizer=None) -> None:
+    """Run every reparameterized layer's ``after_step(optimizer)``; call it after each
+    ``optimizer.step()`` (the training loop of ``launch/pretrain.py`` does)."""
+    for module in model.modules():
+        hook = getattr(module, "after_step", None)
+        if callable(hook):
+            hook(optimizer)
+
+
+__all__ = ["ReparamSpec", "after_step", "apply", "get_reparam_spec", "list_reparams", "merge", "register_reparam"]

@@ -163,6 +163,11 @@ class Engine:
         finally:
             self.model.train()
 
+    @property
+    def module(self) -> nn.Module:
+        """The user's model inside the engine's wrapper (FSDP2 shards in place, so it is itself)."""
+        return self.model
+
     # -------------------------------------------------------------- accounting
     def client_optimizer(self) -> torch.optim.Optimizer:
         return unwrap_optimizer(self.optimizer)
@@ -301,8 +306,12 @@ class DeepSpeedEngine(Engine):
         norm = self.model.get_global_grad_norm() if self.cfg.train.grad_clip > 0 else None
         return StepResult(float(norm) if norm is not None else None)
 
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
     def param_bytes(self) -> int:
-        return param_bytes(self.model.module)
+        return param_bytes(self.module)
 
 
 ENGINES = {"single": SingleEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}

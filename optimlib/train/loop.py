@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from optimlib.data import PackedBlocks, global_batch_indices, load_corpus, rank_indices
+from optimlib import reparam
 from optimlib.models import build_model
 from optimlib.train import checkpoint
 from optimlib.train.config import ConfigError, RunConfig, to_dict
@@ -33,13 +34,10 @@ def seed_everything(seed: int) -> None:
 def _apply_reparam(model, cfg: RunConfig):
     if not cfg.reparam.method:
         return model
-    from optimlib import reparam
-
-    apply = getattr(reparam, "apply", None)
-    if apply is None:
-        raise ConfigError(f"config key 'reparam.method' = {cfg.reparam.method!r}: this build of optimlib "
-                          f"has no reparameterizations yet")
-    return apply(model, cfg.reparam.method, targets=cfg.reparam.targets, **cfg.reparam.options)
+    try:
+        return reparam.apply(model, cfg.reparam.method, targets=cfg.reparam.targets, **cfg.reparam.options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"config section 'reparam' (method {cfg.reparam.method!r}): {exc}") from None
 
 
 def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
@@ -118,6 +116,8 @@ def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
             batch = train_blocks.get(mine[k * t.micro_batch:(k + 1) * t.micro_batch]).to(device)
             losses.append(engine.forward_backward(batch[:, :-1], batch[:, 1:], 1.0 / accum, last=k == accum - 1))
         result = engine.step()
+        if cfg.reparam.method:
+            reparam.after_step(engine.module, engine.client_optimizer())
         last_loss = float(engine.all_reduce_mean(torch.stack(losses).mean()))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
