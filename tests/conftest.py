@@ -67,6 +67,21 @@ TINY_RUN = ["model.name=llama_tiny", "data.max_bytes=400000", "data.seq_len=32",
             "train.eval_blocks=8", "train.log_every=1", "train.progress=false", "optim.lr=3e-3"]
 
 
+def check_pretrain_parity(single_dir: Path, out: Path, engine: str, rtol: float) -> float:
+    """Assert that the run in ``out`` (``engine``, 2 ranks) logged the same train losses at every
+    step and the same final eval loss as the one-process run in ``single_dir``, within ``rtol``;
+    returns the per-rank / one-process optimizer-state-bytes ratio."""
+    ref, got = train_losses(single_dir), train_losses(out)
+    assert sorted(ref) == sorted(got) and ref, (sorted(ref), sorted(got))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=rtol), (engine, step, ref[step], got[step])
+    s1 = json.loads((Path(single_dir) / "summary.json").read_text())
+    s2 = json.loads((Path(out) / "summary.json").read_text())
+    assert s2["engine"] == engine and s2["world_size"] == 2
+    assert s2["final_eval_loss"] == pytest.approx(s1["final_eval_loss"], rel=rtol)
+    return s2["optimizer_state_bytes"] / s1["optimizer_state_bytes"]
+
+
 @pytest.fixture
 def tiny_run():
     return list(TINY_RUN)
