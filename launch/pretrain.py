@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from optimlib.data import DataError
+from optimlib.train.checkpoint import CheckpointError
 from optimlib.train.config import ConfigError, load_config
+from optimlib.train.engine import NonFiniteGradientError
 from optimlib.train.loop import pretrain
 
 
@@ -26,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         pretrain(cfg, local_rank=args.local_rank)
-    except ConfigError as exc:
+    except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteGradientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -52,11 +52,13 @@ def test_exact_resume_single_process(tmp_path):
     assert [r["step"] for r in evals] == [0, 3, 6]
 
 
-def test_incomplete_checkpoint_is_ignored(tmp_path):
+def test_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path):
     _run(tmp_path, "train.checkpoint_every=3")
     root = tmp_path / "checkpoints"
     (checkpoint.step_dir(root, 6) / checkpoint.MANIFEST).unlink()   # a crash before the manifest landed
-    assert checkpoint.resolve_resume("auto", root) == checkpoint.step_dir(root, 3)
+    candidates = checkpoint.resolve_resume("auto", root)
+    assert candidates == [checkpoint.step_dir(root, 6), checkpoint.step_dir(root, 3)]
+    assert checkpoint.verify(candidates[0]) is not None and checkpoint.verify(candidates[1]) is None
 
 
 def test_cli_config_error_is_one_clear_line(tmp_path):

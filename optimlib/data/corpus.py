@@ -161,10 +161,10 @@ def _read_files(paths: Iterable[Path], limit: int, *, skip_unreadable: bool) -> 
         try:
             with open(path, "rb") as f:
                 raw = f.read(limit)
-        except OSError:
+        except OSError as exc:
             if skip_unreadable:
                 continue
-            raise
+            raise DataError(f"data.source file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
         yield path, raw.decode("utf-8", errors="replace")
 
 

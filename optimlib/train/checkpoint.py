@@ -3,8 +3,12 @@
 Layout: ``<out_dir>/checkpoints/step_00000100/`` holding the engine's files and a
 ``manifest.json`` written last.  A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed
 into place only when every rank has finished and the manifest is on disk (temp + fsync +
-rename), so a crash never leaves a directory that looks complete.  ``resume=auto`` takes the
-newest directory with a manifest whose files all have the recorded sizes.
+rename), so a crash never leaves a directory that looks complete.  The manifest records each
+file's size and SHA-256.  ``resume=auto`` tries the complete checkpoints newest first: one whose
+files no longer match their checksums (bit rot, a truncated copy) or that fails to load is
+skipped with a warning, and the previous good one is used.  A write that fails (a full disk)
+removes its ``.tmp`` directory and raises :class:`CheckpointError`; the previous checkpoints are
+untouched.
 
 What is saved: the model, the optimizer (its state is tensors only, so single-process files load
 with ``torch.load(weights_only=True)``), the step — which is also the data position and the
@@ -14,16 +18,30 @@ the RNG state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or no usable checkpoint could be read."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:
@@ -46,12 +64,24 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def _manifest_ok(path: Path) -> bool:
+    """The manifest is there and every file it lists has its recorded size (cheap)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         return all((path / name).is_file() and (path / name).stat().st_size == size
                    for name, size in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def verify(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is not intact (sizes, then SHA-256 of every file), or None."""
+    path = Path(path)
+    if not _manifest_ok(path):
+        return f"missing or mismatched {MANIFEST}"
+    for name, digest in read_manifest(path).get("sha256", {}).items():
+        if _sha256(path / name) != digest:
+            return f"file '{name}' does not match its checksum"
+    return None
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -81,21 +111,37 @@ def save(engine, root: Path, step: int, meta: dict) -> Path:
         tmp.mkdir()
     engine.barrier()
     meta = {**meta, "step": step, "engine": engine.name, "world_size": engine.world_size}
-    _SAVERS[engine.name](engine, tmp, meta)
-    engine.barrier()
+    failed = None
+    try:
+        _SAVERS[engine.name](engine, tmp, meta)
+    except OSError as exc:
+        failed = exc
+    if engine.any_rank(failed is not None):
+        if engine.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = f"{failed.strerror or failed}" if failed is not None else "it failed on another rank"
+        raise CheckpointError(f"could not write the checkpoint of step {step} under '{root}' ({reason}); "
+                              f"the earlier checkpoints there are intact") from failed
     if engine.rank == 0:
-        _fsync_tree(tmp)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = tmp / MANIFEST
-        with open(manifest, "w") as fh:
-            json.dump({"step": step, "engine": engine.name, "world_size": engine.world_size, "files": files},
-                      fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_path(root)
+        try:
+            _fsync_tree(tmp)
+            paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+            names = [str(p.relative_to(tmp)) for p in paths]
+            manifest = {"step": step, "engine": engine.name, "world_size": engine.world_size,
+                        "files": {n: p.stat().st_size for n, p in zip(names, paths)},
+                        "sha256": {n: _sha256(p) for n, p in zip(names, paths)}}
+            with open(tmp / MANIFEST, "w") as fh:
+                json.dump(manifest, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_path(root)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write the checkpoint of step {step} under '{root}' "
+                                  f"({exc.strerror or exc}); the earlier checkpoints there are intact") from exc
     engine.barrier()
     return final
 
@@ -178,15 +224,39 @@ _SAVERS = {"single": _save_single, "fsdp2": _save_fsdp2, "deepspeed": _save_deep
 _LOADERS = {"single": _load_single, "fsdp2": _load_fsdp2, "deepspeed": _load_deepspeed}
 
 
-def resolve_resume(resume: str | None, root: Path) -> Path | None:
-    """``auto`` -> newest complete checkpoint under ``root`` (or None); a path -> that path."""
+def resolve_resume(resume: str | None, root: Path) -> list[Path]:
+    """The checkpoints to try, best first: ``auto`` -> every ``step_XXXXXXXX`` directory under
+    ``root``, newest first (none: a fresh start); a path -> that path alone."""
     if resume is None or resume == "":
-        return None
+        return []
     if resume == "auto":
-        found = complete_checkpoints(Path(root))
-        return found[-1][1] if found else None
+        root = Path(root)
+        found = sorted((int(m.group(1)), child) for child in (root.iterdir() if root.is_dir() else ())
+                       if (m := _STEP_DIR.match(child.name)) and child.is_dir())
+        return [path for _, path in reversed(found)]
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"config key 'resume': checkpoint '{path}' does not exist")
-    return path
+    return [path]
+
+
+def load_first_good(engine, candidates: list[Path]) -> tuple[Path, dict] | tuple[None, None]:
+    """Load the first of ``candidates`` that verifies and loads; warn about each one skipped.
+
+    Every rank checks the same files, so all ranks skip the same checkpoints.  With a single
+    candidate (an explicit ``resume`` path) a bad checkpoint is an error, not a fresh start.
+    """
+    problems = []
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            try:
+                return path, load(engine, path)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file means "try the previous one"
+                problem = f"loading failed: {type(exc).__name__}: {exc}"
+        problems.append(f"'{path}': {problem}")
+        warnings.warn(f"skipping checkpoint '{path}' ({problem})", stacklevel=2)
+    if problems:
+        raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems))
+    return None, None
 

@@ -53,6 +53,10 @@ class TrainConfig:
     dtype: str = "auto"
     """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``float32`` or ``bfloat16``."""
     progress: bool = True
+    on_nonfinite: str = "auto"
+    """A step whose gradients hold NaN/inf: ``skip`` it (counted in the summary) or ``stop``
+    the run naming the parameters.  ``auto``: skip, except under DeepSpeed, which owns the step
+    and so supports only ``stop``."""
 
 
 @dataclass
@@ -253,6 +257,8 @@ def validate(cfg: RunConfig) -> None:
     betas = cfg.optim.betas
     if betas is not None and (len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if t.on_nonfinite not in ("auto", "skip", "stop"):
+        raise ConfigError(f"config key 'train.on_nonfinite' must be auto, skip or stop, got {t.on_nonfinite!r}")
     if cfg.engine not in ENGINES:
         raise ConfigError(f"config key 'engine' must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):

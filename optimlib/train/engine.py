@@ -9,6 +9,7 @@ same for all of them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -74,9 +75,15 @@ def param_bytes(model: nn.Module) -> int:
     return total
 
 
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held NaN or inf and ``train.on_nonfinite`` is ``stop``."""
+
+
 @dataclass
 class StepResult:
     grad_norm: float | None
+    skipped: bool = False
+    """The step was not applied: a gradient was non-finite and ``train.on_nonfinite=skip``."""
 
 
 class Engine:
@@ -138,14 +145,38 @@ class Engine:
         return loss.detach()
 
     def step(self) -> StepResult:
-        norm = None
+        """Clip, check and apply the accumulated gradients (the accumulation boundary).
+
+        The global gradient norm is computed once: it drives clipping and the non-finite
+        policy (``train.on_nonfinite``): ``skip`` drops the step's gradients and leaves the
+        parameters and the optimizer state untouched; ``stop`` raises
+        :class:`NonFiniteGradientError` naming the step's parameters that hold NaN/inf.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        if not math.isfinite(norm):
+            if self.cfg.train.on_nonfinite == "stop":  # "auto" means skip here
+                raise NonFiniteGradientError(f"non-finite gradient (norm {norm}) in {self._nonfinite_names()}; "
+                                             f"train.on_nonfinite=stop ended the run")
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(norm, skipped=True)
         clip = self.cfg.train.grad_clip
         if clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            torch.nn.utils.clip_grads_with_norm_(grads, clip, total, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm)
+
+    def _nonfinite_names(self) -> str:
+        """The parameters whose gradient holds NaN/inf, on any rank (a collective)."""
+        mine = [n for n, p in self.module.named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(to_local(p.grad)).all())]
+        if self.world_size > 1:
+            every: list = [None] * self.world_size
+            dist.all_gather_object(every, mine)
+            mine = sorted({n for names in every for n in names})
+        return ", ".join(mine) or "(no parameter: the norm overflowed)"
 
     def param_groups(self):
         return self.optimizer.param_groups
@@ -194,6 +225,12 @@ class Engine:
 
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (a collective)."""
+        if self.world_size == 1:
+            return bool(flag)
+        return self.all_reduce_sum(float(bool(flag))) > 0
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -298,6 +335,11 @@ class DeepSpeedEngine(Engine):
 
     def forward_backward(self, x, y, scale, last):
         loss = self.loss(x, y)
+        # DeepSpeed owns the step (inside model.step() below), so a non-finite step cannot be
+        # skipped from here: the config check allows only train.on_nonfinite=stop, caught at the loss.
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteGradientError(f"non-finite loss ({float(loss)}) on rank {self.rank}: its gradients would "
+                                         f"reach every parameter; train.on_nonfinite=stop ended the run")
         self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
         self.model.step()  # a no-op until the accumulation boundary
         return loss.detach()

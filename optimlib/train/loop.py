@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from optimlib import reparam
 from optimlib.models import build_model
 from optimlib.train import checkpoint
 from optimlib.train.config import ConfigError, RunConfig, to_dict
-from optimlib.train.engine import ENGINES, detect_engine, init_distributed, pick_device
+from optimlib.train.engine import ENGINES, NonFiniteGradientError, detect_engine, init_distributed, pick_device
 from optimlib.train.metrics import MetricsWriter, format_bytes, peak_flops, peak_rss_bytes, write_summary
 from optimlib.train.schedule import warmup_cosine
 
@@ -40,9 +42,62 @@ def _apply_reparam(model, cfg: RunConfig):
         raise ConfigError(f"config section 'reparam' (method {cfg.reparam.method!r}): {exc}") from None
 
 
+def check_engine_config(cfg: RunConfig, engine_name: str) -> None:
+    """Config settings that contradict the launcher, caught before anything is built."""
+    if engine_name == "deepspeed":
+        if "RANK" not in os.environ and "CROSS_RANK" not in os.environ:
+            raise ConfigError("engine=deepspeed needs the deepspeed launcher (deepspeed [--num_gpus N] "
+                              "launch/pretrain.py ...); this process was started without it")
+        if cfg.train.on_nonfinite == "skip":
+            raise ConfigError("config key 'train.on_nonfinite' = 'skip' is not available under DeepSpeed, which "
+                              "applies the step itself; use stop (or auto)")
+    elif cfg.deepspeed.zero_stage or cfg.deepspeed.config:
+        raise ConfigError(f"config section 'deepspeed' (zero_stage={cfg.deepspeed.zero_stage}, "
+                          f"config={cfg.deepspeed.config!r}) asks for DeepSpeed, but this run's engine is "
+                          f"{engine_name} (launcher: {'torchrun' if engine_name == 'fsdp2' else 'python'}); launch "
+                          f"with `deepspeed launch/pretrain.py ...` or drop the deepspeed settings")
+
+
+class StopRequest:
+    """While installed (the training loop only), SIGTERM / SIGINT set a flag; the loop then
+    checkpoints and exits at the next step boundary, the ranks agreeing on it with one tiny
+    all-reduce per step.  Outside the loop (start-up, the final save) and for a second signal,
+    the default behaviour applies, so a launcher's shutdown is never held up.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
     """Run the configured pretraining; returns the summary (also written to ``summary.json``)."""
     engine_name = detect_engine(cfg, local_rank)
+    check_engine_config(cfg, engine_name)
+    stop = StopRequest()
+    try:
+        return _pretrain(cfg, engine_name, stop)
+    finally:
+        stop.restore()
+
+
+def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     device = pick_device(cfg)
     rank, world = init_distributed(device) if engine_name != "single" else (0, 1)
     if engine_name == "single" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -54,7 +109,7 @@ def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
     accum = t.batch_size // (t.micro_batch * world)
     out_dir = Path(cfg.out_dir)
     ckpt_root = out_dir / "checkpoints"
-    resume_path = checkpoint.resolve_resume(cfg.resume, ckpt_root)
+    resume_candidates = checkpoint.resolve_resume(cfg.resume, ckpt_root)
 
     corpus = load_corpus(cfg.data)
     seed_everything(cfg.seed)
@@ -81,9 +136,12 @@ def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
     eval_batch = eval_blocks.get(rank_indices(np.arange(n_eval), rank, world)).to(device)
 
     start_step = 0
-    if resume_path is not None:
-        meta = checkpoint.load(engine, resume_path)
+    resume_path, meta = checkpoint.load_first_good(engine, resume_candidates)
+    if meta is not None:
         start_step = int(meta["step"])
+        skipped_steps = int(meta.get("skipped_steps", 0))
+    else:
+        skipped_steps = 0
     writer = MetricsWriter(out_dir, enabled=rank == 0, append=start_step > 0)
     writer.truncate_after(start_step)
 
@@ -106,17 +164,24 @@ def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
     tokens_per_step = t.batch_size * cfg.data.seq_len
     train_time = 0.0
     step = start_step
+    interrupted = None
+    stop.install()
     for step in range(start_step, t.steps):
         tic = time.perf_counter()
         factor = warmup_cosine(step, total_steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
         engine.set_lr(factor)
         mine = rank_indices(global_batch_indices(step, t.batch_size, len(train_blocks), cfg.seed), rank, world)
         losses = []
-        for k in range(accum):
-            batch = train_blocks.get(mine[k * t.micro_batch:(k + 1) * t.micro_batch]).to(device)
-            losses.append(engine.forward_backward(batch[:, :-1], batch[:, 1:], 1.0 / accum, last=k == accum - 1))
-        result = engine.step()
-        if cfg.reparam.method:
+        try:
+            for k in range(accum):
+                batch = train_blocks.get(mine[k * t.micro_batch:(k + 1) * t.micro_batch]).to(device)
+                losses.append(engine.forward_backward(batch[:, :-1], batch[:, 1:], 1.0 / accum,
+                                                      last=k == accum - 1))
+            result = engine.step()
+        except NonFiniteGradientError as exc:
+            raise NonFiniteGradientError(f"step {step + 1}: {exc}") from None
+        skipped_steps += result.skipped
+        if cfg.reparam.method and not result.skipped:
             reparam.after_step(engine.module, engine.client_optimizer())
         last_loss = float(engine.all_reduce_mean(torch.stack(losses).mean()))
         if device.type == "cuda":
@@ -129,19 +194,24 @@ def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
         if done % max(t.log_every, 1) == 0 or done == t.steps or done == 1:
             writer.log(done, loss=last_loss, lr=cfg.optim.lr * factor, grad_norm=result.grad_norm,
                        tokens_per_s=(done - start_step) * tokens_per_step / max(train_time, 1e-9))
+        if engine.any_rank(stop.received is not None):
+            interrupted = stop.received or "a signal on another rank"
+            break
         if t.eval_every and done % t.eval_every == 0 and done != t.steps:
             last_eval = evaluate()
             writer.log(done, eval_loss=last_eval, eval_ppl=float(np.exp(min(last_eval, 50))))
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-            checkpoint.save(engine, ckpt_root, done, {"seed": cfg.seed})
+            checkpoint.save(engine, ckpt_root, done, {"seed": cfg.seed, "skipped_steps": skipped_steps})
             if rank == 0:
                 checkpoint.prune(ckpt_root, t.keep_checkpoints)
+    stop.restore()
     if progress is not None:
         progress.close()
-    final_step = t.steps
-    last_eval = evaluate()
-    writer.log(final_step, eval_loss=last_eval, eval_ppl=float(np.exp(min(last_eval, 50))))
-    checkpoint.save(engine, ckpt_root, final_step, {"seed": cfg.seed})
+    final_step = step + 1 if interrupted else t.steps
+    if not interrupted:
+        last_eval = evaluate()
+        writer.log(final_step, eval_loss=last_eval, eval_ppl=float(np.exp(min(last_eval, 50))))
+    checkpoint.save(engine, ckpt_root, final_step, {"seed": cfg.seed, "skipped_steps": skipped_steps})
     if rank == 0:
         checkpoint.prune(ckpt_root, t.keep_checkpoints)
 
@@ -173,12 +243,16 @@ def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "corpus": corpus.description,
         "resumed_from": str(resume_path) if resume_path else None,
+        "skipped_steps": skipped_steps,
+        "interrupted": interrupted,
         "config": to_dict(cfg),
     }
     if rank == 0:
         writer.plot(out_dir / "loss.png")
         write_summary(out_dir / "summary.json", summary)
         print(render_summary(summary, out_dir))
+        if interrupted:
+            print(f"stopped by {interrupted} after step {final_step}; checkpoint written, continue with resume=auto")
     writer.close()
     engine.close()
     return summary
@@ -186,12 +260,13 @@ def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
 
 def render_summary(s: dict, out_dir: Path) -> str:
     tps = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "n/a"
-    first = f"{s['first_eval_loss']:.4f}" if s["first_eval_loss"] is not None else "n/a"
+    first, final = (f"{s[k]:.4f}" if s[k] is not None else "n/a" for k in ("first_eval_loss", "final_eval_loss"))
     lines = [
         f"optimlib pretrain: {s['engine']} x{s['world_size']}, optimizer {s['optimizer']}, {s['device']}",
-        f"  steps            {s['steps']} ({s['tokens']:,} tokens)",
+        f"  steps            {s['steps']} ({s['tokens']:,} tokens)"
+        + (f", {s['skipped_steps']} skipped (non-finite gradients)" if s["skipped_steps"] else ""),
         f"  train loss       {s['final_train_loss']:.4f}",
-        f"  eval loss        {first} -> {s['final_eval_loss']:.4f}",
+        f"  eval loss        {first} -> {final}",
         f"  tokens/s         {tps}" + (f"  (MFU {100 * s['mfu']:.1f}%)" if s.get("mfu") else ""),
         f"  parameters       {s['num_parameters']:,} ({format_bytes(s['param_bytes'])} on this rank)",
         f"  optimizer state  {format_bytes(s['optimizer_state_bytes'])} on this rank, "

@@ -1,0 +1,129 @@
+"""Checkpoints under faults: corruption, truncation, a full disk, and non-finite gradients.
+
+In-process runs of the training loop (``pretrain``), one process, the tiny config of
+``conftest.TINY_RUN`` (6 steps of a tiny LLaMA).
+"""
+
+import errno
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, train_losses
+from optimlib.train import checkpoint
+from optimlib.train.config import load_config
+from optimlib.train.engine import Engine, NonFiniteGradientError
+from optimlib.train.loop import pretrain
+
+
+def _run(out_dir, *extra):
+    return pretrain(load_config(None, [*TINY_RUN, f"out_dir={out_dir}", *extra]))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 6-step run, and a run with checkpoints at steps 3 and 6."""
+    full = tmp_path_factory.mktemp("full")
+    _run(full)
+    return train_losses(full)
+
+
+def _checkpointed(tmp_path):
+    _run(tmp_path, "train.checkpoint_every=3")
+    root = tmp_path / "checkpoints"
+    assert [s for s, _ in checkpoint.complete_checkpoints(root)] == [3, 6]
+    return root
+
+
+def _resume_continues_exactly(tmp_path, reference):
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_00000006"):
+        summary = _run(tmp_path, "train.checkpoint_every=3", "resume=auto")
+    assert summary["resumed_from"].endswith("step_00000003")
+    got = train_losses(tmp_path)
+    assert got == reference                                     # steps 4-6 rerun bit-exactly
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
+    root = _checkpointed(tmp_path)
+    state = checkpoint.step_dir(root, 6) / "state.pt"
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                                  # bit rot: same size, other bytes
+    state.write_bytes(bytes(raw))
+    assert "checksum" in checkpoint.verify(checkpoint.step_dir(root, 6))
+    _resume_continues_exactly(tmp_path, reference)
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
+    root = _checkpointed(tmp_path)
+    state = checkpoint.step_dir(root, 6) / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    _resume_continues_exactly(tmp_path, reference)
+
+
+def test_explicit_resume_of_a_corrupt_checkpoint_is_an_error(tmp_path):
+    root = _checkpointed(tmp_path)
+    bad = checkpoint.step_dir(root, 6)
+    (bad / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="no usable checkpoint"), pytest.warns(UserWarning):
+        _run(tmp_path, f"resume={bad}")
+
+
+def test_every_checkpoint_loads_with_weights_only(tmp_path):
+    root = _checkpointed(tmp_path)
+    for _, path in checkpoint.complete_checkpoints(root):
+        state = torch.load(path / "state.pt", weights_only=True)
+        assert set(state) == {"model", "optimizer", "meta", "rng"}
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save_until_full(obj, path, *args, **kwargs):
+        if "step_00000006" in str(path):
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * 4096)                          # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 6 .*No space left on device.*intact"):
+        _run(tmp_path, "train.checkpoint_every=3")
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]      # no .tmp left behind
+    assert checkpoint.verify(root / "step_00000003") is None
+
+
+def _poison_step(monkeypatch, step: int, accum: int = 4):
+    """Make every gradient of the first attention projection NaN on ``step`` (1-based)."""
+    calls = {"n": 0}
+    real = Engine.forward_backward
+
+    def poisoned(self, x, y, scale, last):
+        loss = real(self, x, y, scale, last)
+        calls["n"] += 1
+        if calls["n"] == step * accum:
+            self.module.layers[0].attn.q_proj.weight.grad.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(Engine, "forward_backward", poisoned)
+
+
+def test_nonfinite_gradient_step_is_skipped_and_counted(tmp_path, reference, monkeypatch):
+    _poison_step(monkeypatch, 3)
+    summary = _run(tmp_path)
+    assert summary["skipped_steps"] == 1
+    got = train_losses(tmp_path)
+    assert [got[s] for s in (1, 2, 3)] == [reference[s] for s in (1, 2, 3)]   # the loss is taken before the step
+    assert got[4] != reference[4]                                             # step 3 was not applied
+    state = torch.load(checkpoint.step_dir(tmp_path / "checkpoints", 6) / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {5.0}                                                     # 6 steps, one skipped
+    assert all(math.isfinite(v) for v in got.values())
+
+
+def test_nonfinite_gradient_stop_names_the_step_and_the_parameter(tmp_path, monkeypatch):
+    _poison_step(monkeypatch, 2)
+    with pytest.raises(NonFiniteGradientError, match=r"step 2: .*layers\.0\.attn\.q_proj\.weight"):
+        _run(tmp_path, "train.on_nonfinite=stop")
