@@ -182,9 +182,11 @@ class Engine:
         return self.optimizer.param_groups
 
     def set_lr(self, factor: float) -> None:
+        """Every group's lr = ``optim.lr * factor``.  The base comes from the config, never from
+        the groups: a resumed optimizer's groups hold the lr of the step it was saved at (and
+        DCP's optimizer state dict does not carry extra group keys such as ``initial_lr``)."""
         for group in self.param_groups():
-            group.setdefault("initial_lr", group["lr"])
-            group["lr"] = group["initial_lr"] * factor
+            group["lr"] = self.cfg.optim.lr * factor
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Each test runs ``launch/pretrain.py`` as a real process, injects the fault once a checkpoint
 exists (SIGTERM, ``kill -9`` of the run, ``kill -9`` of one torchrun rank), continues with
-``resume=auto`` (or torchrun's ``--max-restarts``), and compares the logged losses with an
+``resume=auto``, and compares the logged losses with an
 uninterrupted run: bit-exact on one process, within 2e-5 relative on 2 FSDP2 ranks (the
 tolerance of the FSDP2 parity test).
 """
@@ -69,20 +69,21 @@ def test_kill_9_loses_at_most_the_checkpoint_interval(tmp_path, uninterrupted):
 
 
 @pytest.mark.distributed
-def test_kill_9_of_one_torchrun_rank_restarts_and_finishes_the_same(tmp_path):
+def test_kill_9_of_one_torchrun_rank_then_relaunch_finishes_the_same(tmp_path):
     fsdp_run = [*RUN, "train.grad_clip=0.5"]
     reference = tmp_path / "reference"
     launch(PRETRAIN, [*fsdp_run, f"out_dir={reference}"], launcher="torchrun")
     out = tmp_path / "faulty"
-    proc = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-                   f"--master_port={free_port()}", str(PRETRAIN), *fsdp_run, f"out_dir={out}", "resume=auto"])
+    proc = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   f"--master_port={free_port()}", str(PRETRAIN), *fsdp_run, f"out_dir={out}"])
     _wait_for_checkpoint(out / "checkpoints", proc)
     victims = [c for c in psutil.Process(proc.pid).children(recursive=True)
                if c.environ().get("LOCAL_RANK") == "1"]
     assert victims, "rank 1 not found"
     os.kill(victims[0].pid, signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0                      # torchrun tears the job down
+    launch(PRETRAIN, [*fsdp_run, f"out_dir={out}", "resume=auto"], launcher="torchrun")
     ref, got = train_losses(reference), train_losses(out)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:
