@@ -1,0 +1,190 @@
+r"""N:M sparsity: the mask, its application, and the SR-STE / gradient-flow backward, fused.
+
+For a weight ``W`` (``(rows, d_in)``, groups of ``M`` consecutive entries along the input
+dimension, ``d_in % M == 0``), :mod:`optimlib.reparam.nm` uses::
+
+    mask  = top-N of |W| in every group of M   (ties: the lower index wins)
+    W~    = W * s,    s = 1 where kept, beta where pruned       (beta = 0: a binary mask; MDGF: beta(t) > 0)
+    dW    = g * s  (grad_mode="exact", e.g. MDGF's decayed gradient of the pruned weights)   or   g  (STE)
+            + lam * (1 - mask) * W                                                             (SR-STE term)
+
+Ops: :func:`nm_mask_apply` returns ``(W~, mask)`` in one pass -- an element is kept when fewer
+than ``N`` entries of its group beat it (larger ``|w|``, or equal ``|w|`` at a lower index), which
+is a branch-free ``M x M`` comparison per group in registers -- and :func:`nm_grad` is the
+elementwise backward (one pass over ``g``, ``W`` and the 1-byte mask).
+
+Tie rule.  ``torch.topk`` (what :func:`optimlib.reparam.nm.nm_mask` calls) leaves the choice among
+equal magnitudes unspecified; this op fixes it (lower index), in the twin (a stable descending
+sort) and in the kernel alike, so the two agree bit-for-bit on the mask.  Without ties -- almost
+surely for trained float weights -- the mask is ``nm_mask``'s; with ties (e.g. several exact zeros
+in a group) ``topk`` may pick another of the equals.
+
+``W~`` and ``dW`` follow the eager expressions of ``_MaskedWeight`` (``s`` in ``W``'s dtype, then
+multiplied), so with the same mask the reference path is bit-identical to the module.
+"""
+
+from typing import Optional
+
+import torch
+
+from optimlib.kernels._dispatch import (as_2d, cast_rn, cdiv, index_dtype, jit, launch, next_pow2, resolve_backend,
+                                        round_through, tl, use_triton)
+
+__all__ = ["nm_mask_apply", "nm_grad", "nm_mask_reference", "nm_mask_apply_reference", "nm_grad_reference"]
+
+
+# ----------------------------------------------------------------------------- reference twins
+def nm_mask_reference(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask: the ``n`` largest ``|w|`` of every ``m`` consecutive entries of each row,
+    ties to the lower index (stable descending sort)."""
+    groups = weight.detach().abs().reshape(-1, m)
+    keep = groups.sort(dim=1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True).reshape(weight.shape)
+
+
+def _scale(mask: torch.Tensor, beta: float, dtype: torch.dtype) -> torch.Tensor:
+    if beta == 0.0:
+        return mask.to(dtype)
+    return torch.where(mask, 1.0, beta).to(dtype)
+
+
+def nm_mask_apply_reference(weight: torch.Tensor, n: int, m: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = nm_mask_reference(weight, n, m)
+    return weight * _scale(mask, beta, weight.dtype), mask
+
+
+def nm_grad_reference(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, beta: float, lam: float,
+                      exact: bool) -> torch.Tensor:
+    out = grad * _scale(mask, beta, grad.dtype) if exact else grad
+    if lam:
+        out = out + lam * weight.masked_fill(mask, 0)
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton
+@jit
+def _mask_kernel(w_ptr, out_ptr, mask_ptr, R, C, groups_per_row, num_groups, sw0, sw1, beta,
+                 N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, IDX: tl.constexpr, BG: tl.constexpr):
+    q = (tl.program_id(0) * BG + tl.arange(0, BG)).to(IDX)       # (row, group) pairs
+    row = q // groups_per_row
+    col0 = (q - row * groups_per_row) * M
+    k = tl.arange(0, MP)
+    valid = (q < num_groups)[:, None] & (k < M)[None, :]
+    cols = col0[:, None] + k[None, :]
+    x = tl.load(w_ptr + row[:, None] * sw0 + cols * sw1, mask=valid, other=0.0).to(tl.float32)
+    a = tl.where(valid, tl.abs(x), -1.0)                             # padding lanes never win
+    aj = a[:, None, :]                                                # competitor j
+    ak = a[:, :, None]                                                # candidate k
+    beats = (aj > ak) | ((aj == ak) & (k[None, None, :] < k[None, :, None]))
+    rank = tl.sum(beats.to(tl.int32), axis=2)
+    keep = rank < N
+    dtype = w_ptr.dtype.element_ty
+    s = tl.where(keep, 1.0, round_through(tl.zeros_like(x) + beta, dtype))
+    flat = row[:, None] * C + cols
+    tl.store(out_ptr + flat, cast_rn(x * s, dtype), mask=valid)
+    tl.store(mask_ptr + flat, keep.to(tl.int8), mask=valid)
+
+
+@jit
+def _grad_kernel(g_ptr, w_ptr, mask_ptr, out_ptr, R, C, sg0, sg1, sw0, sw1, beta, lam,
+                 EXACT: tl.constexpr, HAS_LAM: tl.constexpr, IDX: tl.constexpr, BR: tl.constexpr,
+                 BC: tl.constexpr):
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(IDX)[:, None]
+    cols = (tl.program_id(1) * BC + tl.arange(0, BC)).to(IDX)[None, :]
+    ok = (rows < R) & (cols < C)
+    odt = out_ptr.dtype.element_ty
+    g = tl.load(g_ptr + rows * sg0 + cols * sg1, mask=ok, other=0.0).to(tl.float32)
+    keep = tl.load(mask_ptr + rows * C + cols, mask=ok, other=0) != 0
+    if EXACT:
+        s = tl.where(keep, 1.0, round_through(tl.zeros_like(g) + beta, odt))
+        g = round_through(g * s, odt)
+    if HAS_LAM:
+        w = tl.load(w_ptr + rows * sw0 + cols * sw1, mask=ok, other=0.0).to(tl.float32)
+        g = g + round_through(lam * tl.where(keep, 0.0, w), odt)
+    tl.store(out_ptr + rows * C + cols, cast_rn(g, odt), mask=ok)
+
+
+def _mask_triton(weight, n, m, beta):
+    w = as_2d(weight)
+    R, C = w.shape
+    out = torch.empty((R, C), dtype=weight.dtype, device=weight.device)
+    mask = torch.empty((R, C), dtype=torch.bool, device=weight.device)
+    if out.numel():
+        mp = next_pow2(m)
+        bg = max(1, min(256, 4096 // (mp * mp)))
+        groups = R * (C // m)
+        launch(_mask_kernel, (cdiv(groups, bg),), w, out, mask.view(torch.int8), R, C, C // m, groups, w.stride(0),
+               w.stride(1), beta, N=n, M=m, MP=mp, IDX=index_dtype(w, out), BG=bg, num_warps=4)
+    return out.view(weight.shape), mask.view(weight.shape)
+
+
+def _grad_triton(grad, weight, mask, beta, lam, exact):
+    g = as_2d(grad)
+    w = as_2d(weight) if weight is not None else g          # (not read when lam == 0)
+    R, C = g.shape
+    out = torch.empty((R, C), dtype=_grad_dtype(grad, weight), device=grad.device)
+    if out.numel():
+        bc = min(next_pow2(C), 256)
+        br = max(1, min(next_pow2(R), 2048 // bc))
+        launch(_grad_kernel, (cdiv(R, br), cdiv(C, bc)), g, w, mask.contiguous().view(torch.int8), out, R, C,
+               g.stride(0), g.stride(1), w.stride(0), w.stride(1), beta, lam, EXACT=exact, HAS_LAM=lam != 0.0,
+               IDX=index_dtype(g, w, out), BR=br, BC=bc, num_warps=8)
+    return out.view(grad.shape)
+
+
+# ----------------------------------------------------------------------------- ops
+@torch.library.custom_op("optimlib::nm_mask_apply", mutates_args=())
+def _mask_op(weight: torch.Tensor, n: int, m: int, beta: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(backend, (weight,)):
+        return _mask_triton(weight, n, m, beta)
+    out, mask = nm_mask_apply_reference(weight, n, m, beta)
+    return out.contiguous(), mask.contiguous()
+
+
+@_mask_op.register_fake
+def _(weight, n, m, beta, backend):
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device), \
+        torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+
+
+def _grad_dtype(grad: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
+    return grad.dtype if weight is None else torch.promote_types(grad.dtype, weight.dtype)
+
+
+@torch.library.custom_op("optimlib::nm_grad", mutates_args=())
+def _grad_op(grad: torch.Tensor, weight: Optional[torch.Tensor], mask: torch.Tensor, beta: float, lam: float,
+             exact: bool, backend: str) -> torch.Tensor:
+    if use_triton(backend, (grad, weight, mask)):
+        return _grad_triton(grad, weight, mask, beta, lam, exact)
+    out = nm_grad_reference(grad, weight, mask, beta, lam, exact)
+    return out.clone() if out is grad else out.contiguous()
+
+
+@_grad_op.register_fake
+def _(grad, weight, mask, beta, lam, exact, backend):
+    return torch.empty(grad.shape, dtype=_grad_dtype(grad, weight), device=grad.device)
+
+
+# ----------------------------------------------------------------------------- public API
+def nm_mask_apply(weight: torch.Tensor, n: int, m: int, beta: float = 0.0, *,
+                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W * s, mask)`` for the ``n:m`` mask along the last dimension (``s = 1`` kept, ``beta``
+    pruned).  Not differentiable by itself (the N:M parametrization's autograd function calls it
+    and :func:`nm_grad`)."""
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+        raise ValueError(f"need integers 0 < n <= m, got n={n!r}, m={m!r}")
+    if weight.dim() == 0 or weight.shape[-1] % m:
+        raise ValueError(f"the last dimension ({tuple(weight.shape)[-1:] or 'none'}) is not a multiple of m={m}")
+    return _mask_op(weight, n, m, float(beta), resolve_backend(backend))
+
+
+def nm_grad(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, *, beta: float = 0.0,
+            lam: float = 0.0, exact: bool = False, backend: str | None = None) -> torch.Tensor:
+    """The weight's gradient: ``g * s`` (``exact``) or ``g`` (straight-through), plus
+    ``lam * (1 - mask) * W`` (SR-STE) when ``lam != 0`` (``weight`` may be ``None`` otherwise)."""
+    if weight is None and lam:
+        raise ValueError("the SR-STE term (lam != 0) needs the weight")
+    if grad.shape != mask.shape or (weight is not None and weight.shape != grad.shape) or mask.dtype != torch.bool:
+        raise ValueError(f"grad {tuple(grad.shape)}, weight {None if weight is None else tuple(weight.shape)} and "
+                         f"a bool mask {tuple(mask.shape)} ({mask.dtype}) must have one shape")
+    return _grad_op(grad, weight, mask, float(beta), float(lam), bool(exact), resolve_backend(backend))
