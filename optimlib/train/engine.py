@@ -152,8 +152,8 @@ class Engine:
         parameters and the optimizer state untouched; ``stop`` raises
         :class:`NonFiniteGradientError` naming the step's parameters that hold NaN/inf.
         """
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        with_grad = [p for p in self.model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in with_grad], foreach=True)
         norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         if not math.isfinite(norm):
             if self.cfg.train.on_nonfinite == "stop":  # "auto" means skip here
@@ -163,7 +163,7 @@ class Engine:
             return StepResult(norm, skipped=True)
         clip = self.cfg.train.grad_clip
         if clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, clip, total, foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(with_grad, clip, total, foreach=True)  # parameters, not grads
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm)

@@ -127,3 +127,30 @@ def test_nonfinite_gradient_stop_names_the_step_and_the_parameter(tmp_path, monk
     _poison_step(monkeypatch, 2)
     with pytest.raises(NonFiniteGradientError, match=r"step 2: .*layers\.0\.attn\.q_proj\.weight"):
         _run(tmp_path, "train.on_nonfinite=stop")
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_engine_step_clips_to_the_configured_norm(clip):
+    """The optimizer sees gradients of global norm ``train.grad_clip`` (Adam's first step is
+    scale-invariant, so a loss comparison alone would not notice clipping switched off)."""
+    from optimlib.models import build_model
+    from optimlib.train.engine import SingleEngine
+
+    cfg = load_config(None, [f"train.grad_clip={clip}"])
+    engine = SingleEngine(cfg, torch.device("cpu"), 0, 1)
+    engine.setup(build_model("llama_tiny"))
+    torch.manual_seed(0)
+    for p in engine.model.parameters():
+        p.grad = torch.randn_like(p)
+    before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in engine.model.parameters()])).item()
+    seen = {}
+    real_step = engine.optimizer.step
+
+    def record(*args, **kwargs):
+        seen["norm"] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in engine.model.parameters()])).item()
+        return real_step(*args, **kwargs)
+
+    engine.optimizer.step = record
+    result = engine.step()
+    assert result.grad_norm == pytest.approx(before, rel=1e-5)
+    assert seen["norm"] == pytest.approx(clip if clip else before, rel=1e-4)
