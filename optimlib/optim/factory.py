@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 DEFAULT_TARGET_MODULES = (r"(^|\.)(attn|attention|self_attn)\.", r"(^|\.)(mlp|ffn|feed_forward)\.")
 
@@ -78,12 +79,20 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) or re.search(p, name + ".") for p in patterns)
 
 
+def linear_weight(module: nn.Linear) -> nn.Parameter:
+    """The trainable weight behind ``module.weight``: for a parametrized linear (N:M sparsity,
+    compander) ``module.weight`` is computed, and the parameter is the latent original."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
 def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[tuple[str, nn.Linear]]:
     """``(qualified name, module)`` of the trainable 2-D ``nn.Linear`` layers matched by
     ``target_modules`` (names or regexes; default: the attention and MLP linears)."""
     targets = tuple(target_modules) if target_modules is not None else DEFAULT_TARGET_MODULES
     found = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and mod.weight.requires_grad and mod.weight.dim() == 2
+             if isinstance(mod, nn.Linear) and linear_weight(mod).requires_grad and linear_weight(mod).dim() == 2
              and _matches(name, targets)]
     if not found:
         raise ValueError(f"target_modules {list(targets)} matched no nn.Linear in the model")
@@ -97,7 +106,7 @@ def param_groups(model: nn.Module, *, weight_decay: float = 0.0,
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     matrix_ids = set()
     if matrix_options is not None:
-        matrix_ids = {id(mod.weight) for _, mod in target_linears(model, target_modules)}
+        matrix_ids = {id(linear_weight(mod)) for _, mod in target_linears(model, target_modules)}
 
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "decay": [], "no_decay": []}
     seen = set()

@@ -1,0 +1,496 @@
+"""N:M structured sparse training: straight-through, SR-STE and progressive gradient flow.
+
+    model = optimlib.reparam.apply(model, "nm", n=2, m=4, recipe="srste")
+    model = optimlib.reparam.apply(model, "nm", n=1, m=8, recipe="mdgf", decay="exponential",
+                                   decay_steps=200)
+    ... train, calling optimlib.reparam.after_step(model, opt) after every optimizer step ...
+    optimlib.reparam.merge(model)          # dense weights with exact N:M zeros
+    optimlib.reparam.nm.to_semi_structured(model)   # 2:4 only, on a GPU that has sparse tensor cores
+
+The rule.  Each targeted ``nn.Linear`` keeps its dense weight ``W`` (``d_out x d_in``) as the
+trainable parameter; a ``torch.nn.utils.parametrize`` parametrization computes the weight the
+layer uses.  The mask ``m`` keeps the ``N`` largest ``|W|`` of every group of ``M`` consecutive
+weights along the input dimension (a row of ``W``), the layout sparse tensor cores accelerate
+(``Y = X W^T`` reduces over ``d_in``).  It is recomputed from ``W`` at every forward, so it is
+stateless: under FSDP2 it is computed from the gathered weight, and it would be row-local on a
+row shard.  The layer's bias is untouched.
+
+Recipes (``recipe=``), the forward weight ``W~`` and the gradient handed to ``W`` given the
+gradient ``g = dL/dW~``:
+
+* ``ste`` — ``W~ = W * m``; ``dW = g`` (straight-through estimator).
+* ``srste`` — SR-STE (Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks
+  From Scratch", ICLR 2021): ``W~ = W * m``; ``dW = g + lambda * (1 - m) * W``, a decay on the
+  pruned weights only, ``lambda = 2e-4`` by default (the paper's ``decay``), independent of the
+  optimizer's weight decay.
+* ``mdgf`` — mask-decay gradient flow (Bambhaniya et al., "Progressive Gradient Flow for Robust
+  N:M Sparsity Training in Transformers", arXiv 2402.04744): the pruned weights are scaled by a
+  decaying ``beta(t)`` instead of zeroed, ``W~ = W * (m + (1 - m) * beta(t))``; what decays is the
+  pruned weights' contribution to the forward (and so the gradient the *loss* sends through them).
+  The gradient to ``W`` is straight-through, ``dW = g``, as in the paper's code;
+  ``grad_mode="exact"`` gives the autograd-exact ``dW = g * (m + (1 - m) * beta)`` instead.
+* ``sdgf`` — structure-decay gradient flow (same paper): binary masks that move through a
+  sequence of patterns of falling density, e.g. ``7:8 -> 4:8 -> 2:8 -> 1:8``; straight-through.
+
+``srste_lambda`` adds the SR-STE term to any recipe (default ``2e-4`` for ``srste``, 0 otherwise).
+It is added once per optimizer step, in the first backward after :meth:`NMSparsity.after_step`,
+like a weight decay: with gradient accumulation over ``k`` micro-batches the step's gradient is
+``mean(g) + lambda * (1 - m) * W``, not ``k`` times the term (the reference adds it in every
+backward, which only agrees without accumulation), and data-parallel ranks, which each add it
+once, average to the same value.  So a training loop must call ``after_step`` after every
+optimizer step (``launch/pretrain.py``'s loop does; the mdgf/sdgf schedules need it too).
+
+``grad_mode="exact"`` gives any recipe the true gradient of its forward (pruned weights then get
+``beta * g``, i.e. nothing under a binary mask).
+
+Schedule (mdgf, sdgf; ``t`` = optimizer steps taken, counted by :meth:`NMSparsity.after_step`):
+
+* ``t < dense_steps``: dense (no mask) for every recipe;
+* ``s = t - dense_steps`` in ``[0, decay_steps)``: the decay window.  mdgf's ``beta(s)``:
+  ``exponential`` ``exp(-c s)`` (``c = decay_coef``, default ``5 / decay_steps``, so
+  ``beta = e^-5`` at the window's end), ``linear`` ``1 - s / T``, ``cosine``
+  ``(1 + cos(pi s / T)) / 2``, ``stepwise`` ``1 - floor(K s / T) / K`` (``K = decay_stages``,
+  default 4), with ``T = decay_steps``.  sdgf splits the window into equal frames, one per
+  pattern of ``structure``: ``stepwise`` ``(M-1):M, M/2:M, M/4:M, ..., N:M`` (the paper's
+  SdGf-Stepwise), ``geometric`` ``8N:8M, 4N:4M, 2N:2M, N:M`` (constant density, shrinking
+  groups: SdGf-Geometric), ``densify`` ``N:8M, N:4M, N:2M, N:M``, or an explicit list such as
+  ``["7:8", "4:8", "2:8", "1:8"]`` ending at ``N:M``;
+* ``s >= decay_steps``: the binary target ``N:M`` mask (the paper's fine-tuning phase).
+
+The position is a buffer (``...parametrizations.weight.0.step``), so it is in the model's
+state_dict and a resumed run continues the schedule exactly.
+
+Evaluation and export use the target mask.  Whenever the parametrization runs without autograd
+(``torch.no_grad()``) or in eval mode, the weight is ``W * m`` with the target ``N:M`` mask,
+whatever the schedule's position: the evaluation loss is that of the sparse network one would
+deploy (an mdgf network with ``beta > 0`` is not sparse), and ``merge()`` — which evaluates the
+weight under ``no_grad`` — bakes in exact ``N:M`` zeros.
+
+Deviations from the reference code (``abhibambhaniya/progressive_gradient_flow_nm_sparsity``),
+on purpose: the bias is used (the reference drops it), the schedule is counted in optimizer steps
+held in a buffer (not passed through ``forward``), the decay window has an explicit length, and
+the target pattern is the last frame of the sdgf window rather than starting at the fine-tuning
+phase.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from optimlib.reparam import register_reparam
+
+RECIPES = ("ste", "srste", "mdgf", "sdgf")
+DECAYS = ("exponential", "linear", "cosine", "stepwise")
+STRUCTURES = ("stepwise", "geometric", "densify")
+GRAD_MODES = ("ste", "exact")
+SRSTE_LAMBDA = 2e-4  # SR-STE's default decay (Zhou et al. 2021)
+
+
+# ----------------------------------------------------------------------------- the mask
+def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest ``|weight|`` of every ``m`` consecutive entries
+    of each row: exactly ``n`` per group, ties to the lower index (a stable sort), so the mask is
+    the same on every device and rank."""
+    if weight.shape[-1] % m:
+        raise ValueError(f"the last dimension ({weight.shape[-1]}) is not a multiple of m={m}")
+    groups = weight.detach().abs().reshape(-1, m)
+    keep = groups.argsort(dim=1, descending=True, stable=True)[:, :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True).reshape(weight.shape)
+
+
+def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of ``m`` consecutive entries of each row has at most ``n`` non-zeros."""
+    if weight.shape[-1] % m:
+        return False
+    return bool(((weight.reshape(-1, m) != 0).sum(dim=1) <= n).all())
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``W~ = W * where(mask, 1, beta)`` with the backward chosen by the recipe:
+    ``dW = g`` (straight-through) or ``g * where(mask, 1, beta)`` (exact), plus, once per
+    optimizer step, ``lam * (1 - mask) * W`` (SR-STE; ``owner`` holds the once-per-step flag)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, beta: float, lam: float, exact: bool, owner):
+        ctx.beta, ctx.lam, ctx.exact, ctx.owner = beta, lam, exact, owner
+        ctx.save_for_backward(mask, weight if lam else None)
+        return weight * _scale(mask, beta, weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, weight = ctx.saved_tensors
+        out = grad * _scale(mask, ctx.beta, grad.dtype) if ctx.exact else grad
+        if ctx.lam and ctx.owner._decay_pending:
+            ctx.owner._decay_pending = False
+            out = out + ctx.lam * weight.masked_fill(mask, 0)
+        return out, None, None, None, None, None
+
+
+def _scale(mask: torch.Tensor, beta: float, dtype: torch.dtype) -> torch.Tensor:
+    if beta == 0.0:
+        return mask.to(dtype)
+    return torch.where(mask, 1.0, beta).to(dtype)
+
+
+# ----------------------------------------------------------------------------- the schedule
+@dataclass(frozen=True)
+class NMState:
+    """What the parametrization applies at one schedule position."""
+
+    dense: bool
+    n: int
+    m: int
+    beta: float  # the pruned weights' forward scale (0 = binary mask)
+
+
+def _parse_pattern(item, where: str) -> tuple[int, int]:
+    if isinstance(item, str) and item.count(":") == 1:
+        a, b = item.split(":")
+        try:
+            return int(a), int(b)
+        except ValueError:
+            pass
+    elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(v, int) for v in item):
+        return int(item[0]), int(item[1])
+    raise ValueError(f"option {where!r}: pattern {item!r} is not of the form 'N:M' (e.g. '4:8')")
+
+
+def _check_pattern(n, m, name_n="n", name_m="m") -> None:
+    for name, value in ((name_n, n), (name_m, m)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"option {name!r} must be a positive integer, got {value!r}")
+    if n >= m:
+        raise ValueError(f"option {name_n!r} ({n}) must be smaller than {name_m!r} ({m}): "
+                         f"N:M keeps N of every M weights")
+
+
+def structure_patterns(structure, n: int, m: int) -> tuple[tuple[int, int], ...]:
+    """The sdgf pattern sequence for target ``n:m`` (see the module docstring)."""
+    if isinstance(structure, str):
+        key = structure.lower()
+        if key == "stepwise":
+            seq, k = [(m - 1, m)], m // 2
+            while k > n:
+                seq.append((k, m))
+                k //= 2
+            seq.append((n, m))
+        elif key == "geometric":
+            seq = [(n * f, m * f) for f in (8, 4, 2, 1)]
+        elif key == "densify":
+            seq = [(n, m * f) for f in (8, 4, 2, 1)]
+        else:
+            raise ValueError(f"option 'structure' must be one of {', '.join(STRUCTURES)} or a list of "
+                             f"'N:M' patterns, got {structure!r}")
+        out = []
+        for p in seq:  # (m-1):m == m/2:m for m=2, etc.
+            if not out or out[-1] != p:
+                out.append(p)
+        return tuple(out)
+    if isinstance(structure, (list, tuple)) and structure:
+        seq = tuple(_parse_pattern(p, "structure") for p in structure)
+        for pn, pm in seq:
+            _check_pattern(pn, pm, "structure (N)", "structure (M)")
+        if seq[-1] != (n, m):
+            raise ValueError(f"option 'structure' must end at the target pattern {n}:{m}, "
+                             f"got {':'.join(map(str, seq[-1]))}")
+        return seq
+    raise ValueError(f"option 'structure' must be one of {', '.join(STRUCTURES)} or a non-empty list of "
+                     f"'N:M' patterns, got {structure!r}")
+
+
+@dataclass(frozen=True)
+class NMSchedule:
+    """The pure function ``step -> NMState`` of one recipe (see the module docstring)."""
+
+    n: int
+    m: int
+    recipe: str = "srste"
+    dense_steps: int = 0
+    decay_steps: int | None = None
+    decay: str = "exponential"
+    decay_coef: float | None = None
+    decay_stages: int = 4
+    patterns: tuple[tuple[int, int], ...] = ()
+
+    def beta(self, s: int) -> float:
+        """mdgf's forward scale of the pruned weights, ``s`` steps into the decay window."""
+        T = self.decay_steps
+        if s >= T:
+            return 0.0
+        if self.decay == "exponential":
+            c = self.decay_coef if self.decay_coef is not None else 5.0 / T
+            return math.exp(-c * s)
+        if self.decay == "linear":
+            return 1.0 - s / T
+        if self.decay == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * s / T))
+        return 1.0 - math.floor(self.decay_stages * s / T) / self.decay_stages  # stepwise
+
+    def state(self, step: int) -> NMState:
+        s = step - self.dense_steps
+        if s < 0:
+            return NMState(True, self.m, self.m, 1.0)
+        if self.recipe == "mdgf":
+            return NMState(False, self.n, self.m, self.beta(s))
+        if self.recipe == "sdgf" and s < self.decay_steps:
+            n, m = self.patterns[s * len(self.patterns) // self.decay_steps]
+            return NMState(False, n, m, 0.0)
+        return NMState(False, self.n, self.m, 0.0)
+
+    @property
+    def all_patterns(self) -> tuple[tuple[int, int], ...]:
+        return tuple(dict.fromkeys((*self.patterns, (self.n, self.m))))
+
+
+def build_schedule(n: int = 2, m: int = 4, recipe: str = "srste", *, dense_steps: int = 0,
+                   decay_steps: int | None = None, decay: str | None = None, decay_coef: float | None = None,
+                   decay_stages: int | None = None, structure=None) -> NMSchedule:
+    """Validate the options and build the :class:`NMSchedule` (errors name the option)."""
+    _check_pattern(n, m)
+    if not isinstance(recipe, str) or recipe.lower() not in RECIPES:
+        raise ValueError(f"option 'recipe' must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    recipe = recipe.lower()
+    if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
+        raise ValueError(f"option 'dense_steps' must be a non-negative integer, got {dense_steps!r}")
+    scheduled = recipe in ("mdgf", "sdgf")
+    if scheduled:
+        if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or decay_steps < 1:
+            raise ValueError(f"recipe {recipe!r} needs option 'decay_steps' (a positive integer: the length "
+                             f"of the decay window in optimizer steps), got {decay_steps!r}")
+    elif decay_steps is not None:
+        raise ValueError(f"option 'decay_steps' applies to recipes mdgf and sdgf, not {recipe!r}")
+    for name, value in (("decay", decay), ("decay_coef", decay_coef), ("decay_stages", decay_stages)):
+        if value is not None and recipe != "mdgf":
+            raise ValueError(f"option {name!r} applies to recipe mdgf only, not {recipe!r}")
+    if structure is not None and recipe != "sdgf":
+        raise ValueError(f"option 'structure' applies to recipe sdgf only, not {recipe!r}")
+    decay = "exponential" if decay is None else decay
+    if not isinstance(decay, str) or decay.lower() not in DECAYS:
+        raise ValueError(f"option 'decay' must be one of {', '.join(DECAYS)}, got {decay!r}")
+    decay = decay.lower()
+    if decay_coef is not None:
+        if decay != "exponential":
+            raise ValueError(f"option 'decay_coef' applies to decay 'exponential' only, not {decay!r}")
+        if isinstance(decay_coef, bool) or not isinstance(decay_coef, (int, float)) or not decay_coef > 0:
+            raise ValueError(f"option 'decay_coef' must be a positive number, got {decay_coef!r}")
+        decay_coef = float(decay_coef)
+    if decay_stages is not None:
+        if decay != "stepwise":
+            raise ValueError(f"option 'decay_stages' applies to decay 'stepwise' only, not {decay!r}")
+        if isinstance(decay_stages, bool) or not isinstance(decay_stages, int) or decay_stages < 1:
+            raise ValueError(f"option 'decay_stages' must be a positive integer, got {decay_stages!r}")
+    patterns = structure_patterns("stepwise" if structure is None else structure, n, m) if recipe == "sdgf" else ()
+    if recipe == "sdgf" and len(patterns) > decay_steps:
+        raise ValueError(f"option 'decay_steps' ({decay_steps}) is shorter than the {len(patterns)} sdgf "
+                         f"patterns {[f'{a}:{b}' for a, b in patterns]}: each needs at least one step")
+    return NMSchedule(n, m, recipe, dense_steps, decay_steps, decay, decay_coef,
+                      4 if decay_stages is None else decay_stages, patterns)
+
+
+# ----------------------------------------------------------------------------- the parametrization
+class NMSparsity(nn.Module):
+    """Parametrization ``W -> W~`` of one linear's weight (register with
+    ``torch.nn.utils.parametrize``); see the module docstring for the rule.
+
+    ``step`` (a buffer) is the schedule position; :meth:`after_step` advances it by one.
+    """
+
+    def __init__(self, schedule: NMSchedule, *, srste_lambda: float = 0.0, grad_mode: str = "ste"):
+        super().__init__()
+        self.schedule = schedule
+        self.srste_lambda = float(srste_lambda)
+        self.exact = grad_mode == "exact"
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self._position = 0  # Python mirror of ``step``: no device sync in forward
+        self._decay_pending = True  # the SR-STE term is still to be added in this optimizer step
+
+    @property
+    def n(self) -> int:
+        return self.schedule.n
+
+    @property
+    def m(self) -> int:
+        return self.schedule.m
+
+    def current(self) -> NMState:
+        """The state the next training forward applies."""
+        return self.schedule.state(self._position)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return weight * nm_mask(weight, self.n, self.m)  # evaluation / export: the target mask
+        st = self.current()
+        if st.dense:
+            return weight
+        return _MaskedWeight.apply(weight, nm_mask(weight, st.n, st.m), st.beta, self.srste_lambda, self.exact, self)
+
+    def after_step(self, optimizer=None) -> None:
+        """Advance the schedule by one optimizer step (and re-arm the SR-STE term)."""
+        self._position += 1
+        self._decay_pending = True
+        self.step.fill_(self._position)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._position = int(self.step)
+
+    def extra_repr(self) -> str:
+        s = self.schedule
+        text = f"{s.n}:{s.m}, recipe={s.recipe}, step={self._position}"
+        if s.recipe in ("mdgf", "sdgf"):
+            text += f", dense_steps={s.dense_steps}, decay_steps={s.decay_steps}"
+        if s.recipe == "mdgf":
+            text += f", decay={s.decay}"
+        if s.recipe == "sdgf":
+            text += ", structure=" + " -> ".join(f"{a}:{b}" for a, b in s.patterns)
+        if self.srste_lambda:
+            text += f", srste_lambda={self.srste_lambda:g}"
+        if self.exact:
+            text += ", grad_mode=exact"
+        return text
+
+
+def nm_sparsify(linear: nn.Linear, n: int = 2, m: int = 4, recipe: str = "srste", *,
+                srste_lambda: float | None = None, grad_mode: str = "ste", dense_steps: int = 0,
+                decay_steps: int | None = None, decay: str | None = None, decay_coef: float | None = None,
+                decay_stages: int | None = None, structure=None) -> nn.Linear:
+    """Register an :class:`NMSparsity` parametrization on ``linear.weight``; returns ``linear``
+    (the ``convert`` of ``apply(model, "nm", ...)``)."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"N:M sparsity applies to nn.Linear, got {type(linear).__name__}")
+    schedule = build_schedule(n, m, recipe, dense_steps=dense_steps, decay_steps=decay_steps, decay=decay,
+                              decay_coef=decay_coef, decay_stages=decay_stages, structure=structure)
+    d_in = linear.in_features
+    for pn, pm in schedule.all_patterns:
+        if d_in % pm:
+            what = "option 'm'" if (pn, pm) == (n, m) else f"option 'structure' (pattern {pn}:{pm})"
+            raise ValueError(f"{what}: groups of {pm} do not divide the layer's input dimension "
+                             f"in_features={d_in}; N:M groups run along the input dimension")
+    if srste_lambda is None:
+        srste_lambda = SRSTE_LAMBDA if schedule.recipe == "srste" else 0.0
+    if isinstance(srste_lambda, bool) or not isinstance(srste_lambda, (int, float)) or srste_lambda < 0:
+        raise ValueError(f"option 'srste_lambda' must be a non-negative number, got {srste_lambda!r}")
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"option 'grad_mode' must be one of {', '.join(GRAD_MODES)}, got {grad_mode!r}")
+    if parametrize.is_parametrized(linear, "weight"):
+        raise ValueError("this linear's weight is already parametrized; N:M sparsity must be the only "
+                         "parametrization (merge() the other one first)")
+    parametrize.register_parametrization(
+        linear, "weight", NMSparsity(schedule, srste_lambda=srste_lambda, grad_mode=grad_mode))
+    return linear
+
+
+register_reparam("nm", nm_sparsify,
+                 description="N:M structured sparsity along the input dimension (ste, srste, mdgf, sdgf)")
+
+
+# ----------------------------------------------------------------------------- inspection & export
+def nm_parametrizations(model: nn.Module) -> list[tuple[str, nn.Linear, NMSparsity]]:
+    """``(name, linear, parametrization)`` of every N:M-parametrized linear of ``model``."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, NMSparsity):
+                    found.append((name, module, p))
+    return found
+
+
+class SemiStructuredUnavailable(RuntimeError):
+    """``to_semi_structured(..., strict=True)`` on hardware, dtype or shapes it cannot serve."""
+
+
+def _semi_structured_class():
+    from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, \
+        SparseSemiStructuredTensorCUTLASS
+
+    if SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available():
+        return SparseSemiStructuredTensorCUTLASS
+    return SparseSemiStructuredTensorCUSPARSELT
+
+
+def _semi_structured_problem(weight: torch.Tensor) -> str | None:
+    """Why ``weight`` cannot become a semi-structured tensor here (None: it can)."""
+    if weight.device.type != "cuda":
+        return (f"the weight is on {weight.device.type}; 2:4 semi-structured tensors need a CUDA GPU "
+                f"with sparse tensor cores (compute capability >= 8.0)")
+    major, minor = torch.cuda.get_device_capability(weight.device)
+    if major < 8:
+        return f"the GPU has compute capability {major}.{minor}; sparse tensor cores need >= 8.0"
+    cls = _semi_structured_class()
+    limits = cls._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
+    if limits is None:
+        names = ", ".join(str(d).replace("torch.", "") for d in cls._DTYPE_SHAPE_CONSTRAINTS)
+        return (f"dtype {str(weight.dtype).replace('torch.', '')} is not supported by the {cls.BACKEND} backend "
+                f"(supported: {names}); pass dtype=torch.bfloat16")
+    rows, cols = weight.shape
+    if rows % limits.sparse_min_rows or cols % limits.sparse_min_cols:
+        return (f"shape {tuple(weight.shape)} is not a multiple of ({limits.sparse_min_rows}, "
+                f"{limits.sparse_min_cols}), which the {cls.BACKEND} backend needs for {weight.dtype}")
+    return None
+
+
+def to_semi_structured(model: nn.Module, *, dtype: torch.dtype | None = None, strict: bool = False) -> list[str]:
+    """Convert every N:M linear of ``model`` whose sparse weight is 2:4-compatible (at most 2
+    non-zeros in every 4 consecutive inputs: 2:4, 1:4, 1:8, 2:8, ...) to a ``torch.sparse``
+    semi-structured weight, for inference.
+
+    The N:M parametrization is baked in first (exact zeros, as :func:`optimlib.reparam.merge`),
+    then ``linear.weight`` becomes a frozen ``SparseSemiStructuredTensor`` (cuSPARSELt where
+    available, else CUTLASS), cast to ``dtype`` if given.  Where the hardware, dtype or shape
+    cannot be served (no CUDA GPU, compute capability < 8.0, fp32 on cuSPARSELt, shapes off the
+    backend's multiples, a pattern that is not 2:4-compatible) the layer falls back: it stays a
+    dense ``nn.Linear`` with exact N:M zeros, and a ``UserWarning`` names the layers and the
+    reason.  With ``strict=True`` a :class:`SemiStructuredUnavailable` error is raised instead,
+    before any layer is changed.  Returns the names of the converted layers.
+    """
+    layers = nm_parametrizations(model)
+    if not layers:
+        raise ValueError("the model has no N:M-sparse linear (apply(model, 'nm', ...) first)")
+    plan, reasons = [], {}
+    for name, linear, p in layers:
+        with torch.no_grad():
+            dense = linear.weight  # under no_grad the parametrization applies the target mask
+            target = (dense if dtype is None else dense.to(dtype)).contiguous()
+        problem = None
+        if not is_nm_sparse(target, 2, 4):
+            problem = f"pattern {p.n}:{p.m} leaves more than 2 non-zeros in some group of 4 (not 2:4-compatible)"
+        if problem is None:
+            problem = _semi_structured_problem(target)
+        sparse = None
+        if problem is None:
+            try:
+                sparse = _semi_structured_class().from_dense(target)
+            except RuntimeError as exc:  # e.g. a torch build without the kernels
+                problem = f"torch refused the conversion: {exc}"
+        if problem is not None:
+            reasons.setdefault(problem, []).append(name)
+        plan.append((name, linear, sparse))
+    messages = [f"to_semi_structured: {len(names)} layer(s) kept dense with exact N:M zeros "
+                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}"
+                for reason, names in reasons.items()]
+    if strict and messages:
+        raise SemiStructuredUnavailable("; ".join(messages))
+    converted = []
+    for name, linear, sparse in plan:
+        if sparse is None:
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+            continue
+        parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+        linear.weight = nn.Parameter(sparse, requires_grad=False)
+        if linear.bias is not None and dtype is not None:
+            linear.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        converted.append(name)
+    for message in messages:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return converted
+
+
+__all__ = ["NMSchedule", "NMSparsity", "NMState", "SemiStructuredUnavailable", "build_schedule", "is_nm_sparse",
+           "nm_mask", "nm_parametrizations", "nm_sparsify", "structure_patterns", "to_semi_structured"]
