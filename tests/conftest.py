@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "launch" / "pretrain.py"
@@ -85,3 +86,40 @@ def check_pretrain_parity(single_dir: Path, out: Path, engine: str, rtol: float)
 @pytest.fixture
 def tiny_run():
     return list(TINY_RUN)
+
+
+# ---------------------------------------------------------------------- kernel tests (tests/kernels)
+# Every Triton kernel against its PyTorch twin.  Without a GPU the kernels run in Triton's
+# interpreter (backend="triton" on CPU tensors): TRITON_INTERPRET=1 is set per kernel test (the
+# opt-in optimlib.kernels._dispatch checks at call time), so nothing depends on it being set
+# before triton is imported.  Where CUDA is available the same tests also run the compiled
+# kernels (the ``device`` fixture).  These live here, not in tests/kernels/conftest.py: a second
+# conftest module would shadow this one for the ``from conftest import ...`` of other tests.
+KERNEL_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Tolerances of kernel vs twin, per dtype.  fp32: the kernels follow the twins' operation order
+# and rounding (IEEE division and square root), and differ only by summation order in reductions
+# and matmuls, by FMA contraction on a GPU and by our tanh; bf16: the same, plus one bf16 ulp
+# (2^-8 relative) where eager PyTorch rounds an intermediate differently (CPU bf16 matmul
+# accumulation, sums of bf16 tensors).
+KERNEL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3)}
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(request, monkeypatch):
+    if request.path.parent.name == "kernels":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.delenv("OPTIMLIB_KERNELS", raising=False)
+
+
+@pytest.fixture(params=KERNEL_DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def tol():
+    def get(dtype, scale: float = 1.0):
+        t = KERNEL_TOL[dtype]
+        return dict(rtol=t["rtol"] * scale, atol=t["atol"] * scale)
+    return get
