@@ -254,7 +254,7 @@ def format_kernel_bench(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     out = []
     for item in text.split(","):
         parts = [int(p) for p in item.lower().split("x")]
@@ -267,7 +267,7 @@ def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m optimlib.bench.kernels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", type=_parse_shapes, default=list(DEFAULT_SHAPES),
+    parser.add_argument("--shapes", type=parse_shapes, default=list(DEFAULT_SHAPES),
                         help="comma-separated MxNxR (default: 4096x4096 and 4096x11008 at r=128 and 512)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--tokens", type=int, default=2048)

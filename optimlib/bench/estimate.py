@@ -1,0 +1,305 @@
+"""Analytic per-rank memory of training a LLaMA model with a given optimizer, engine and sharding.
+
+``estimate_memory(model="llama_7b", optimizer="galore_adamw", engine="fsdp2", world_size=8,
+dtype="bfloat16", rank=1024)`` returns a :class:`MemoryEstimate` with the bytes one rank holds
+for weights, gradients, optimizer states (by component), master weights and activations.
+
+How it is computed, without allocating anything:
+
+1. the model is built on the meta device (any named config, or a user-given
+   :class:`~optimlib.models.LlamaConfig` such as a 13B or 70B shape), optionally reparameterized
+   (``reparam``, through :func:`optimlib.reparam.apply`), and cast to ``dtype``;
+2. the optimizer is built over it with :func:`optimlib.create_optimizer` -- so the parameter
+   split (which linears are low-rank, which groups decay) and every option, defaults included,
+   are exactly the factory's and the optimizer's own;
+3. each parameter is placed the way the engine places it on each rank: whole (``single``);
+   ``torch.chunk`` rows of dim 0 (``fsdp2``, ``fully_shard``); DeepSpeed ZeRO flat partitions
+   (stage 1/2: the parameter group flattened and padded to a multiple of ``2 x world`` elements,
+   stage 3: each parameter padded to a multiple of ``world``).  Shape-aware optimizers get one
+   parameter per group under DeepSpeed, as ``launch/pretrain.py`` gives them;
+4. each tensor's state comes from the optimizer's rule (:mod:`optimlib.bench.state_rules`), and
+   activations from :mod:`optimlib.bench.activations`.
+
+Engines and what is divided by the world size (per rank):
+
+========================  =========  =========  ================  ==================
+engine                    weights    gradients  optimizer states  master weights
+========================  =========  =========  ================  ==================
+single                    full       full       full              --
+fsdp2                     / world    / world    / world           --
+deepspeed, zero_stage 0   full       full       full              fp32 copy if not fp32
+deepspeed, zero_stage 1   full       full       / world           fp32, / world
+deepspeed, zero_stage 2   full       / world    / world           fp32, / world
+deepspeed, zero_stage 3   / world    / world    / world           fp32, / world
+========================  =========  =========  ================  ==================
+
+Weights include the model's buffers (e.g. SLTrain's sparse support), replicated on every rank.
+Under DeepSpeed the client optimizer steps fp32 partitions (its states are fp32 whatever
+``dtype``) and the partitioned gradients are fp32.  ``layerwise=True`` (optimizer in backward,
+:meth:`optimlib.optim.galore.GaLoreAdamW.layerwise`) keeps one parameter's gradient at a time.
+
+Not included (say so when you quote a total): communication buckets (DeepSpeed's reduce and
+all-gather buckets, FSDP2's all-gathered blocks in flight), the CUDA context and allocator
+fragmentation, and transient workspaces (SVD, SMMF's per-parameter temporaries, the 8-bit
+quantizers).  :mod:`optimlib.bench.fit` leaves headroom for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from optimlib.bench.activations import activation_bytes
+from optimlib.bench.state_rules import OptimizerTensor, get_state_rule
+from optimlib.distributed.row_block import FlatSlice
+from optimlib.models import LlamaConfig, get_config
+from optimlib.models.llama import Llama
+from optimlib.optim import create_optimizer, get_optimizer_spec
+
+__all__ = ["MemoryEstimate", "estimate_memory", "ENGINES", "DTYPES"]
+
+ENGINES = ("single", "fsdp2", "deepspeed")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DS_ALIGNMENT = 2          # DeepSpeed ZeRO-1/2's nccl_start_alignment_factor
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-rank bytes (see :func:`estimate_memory`); ``total`` sums the components."""
+
+    model: str
+    optimizer: str
+    engine: str
+    zero_stage: int
+    world_size: int
+    process_rank: int
+    dtype: str
+    num_parameters: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    master_weights: int
+    activations: int
+    state_breakdown: dict = field(default_factory=dict)
+    per_rank_total: tuple = ()
+    notes: tuple = ()
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states + self.master_weights + self.activations
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["total"] = self.total
+        d["per_rank_total"] = list(self.per_rank_total)
+        d["notes"] = list(self.notes)
+        return d
+
+
+# ----------------------------------------------------------------------------- placement
+def _rows_bounds(shape: tuple[int, ...], world: int) -> tuple[tuple[int, int], ...]:
+    """FSDP2 ``Shard(0)``: ``torch.chunk`` of dim 0 (the last ranks may get fewer or no rows)."""
+    numel = math.prod(shape)
+    rows = shape[0] if shape else 1
+    per_row = numel // max(rows, 1)
+    chunk = -(-rows // world)
+    return tuple((min(k * chunk, rows) * per_row, min((k + 1) * chunk, rows) * per_row) for k in range(world))
+
+
+def _partition(numel: int, world: int, stage: int) -> int:
+    """Elements of one rank's DeepSpeed flat partition (padding included)."""
+    if stage == 3:
+        return -(-numel // world)
+    align = _DS_ALIGNMENT * world
+    return -(-numel // align) * align // world
+
+
+def _flat_bounds(numel: int, size: int, world: int) -> tuple[tuple[int, int], ...]:
+    return tuple((min(k * size, numel), min((k + 1) * size, numel)) for k in range(world))
+
+
+class _Placement:
+    """Where each parameter's elements lie on each rank, for one engine."""
+
+    def __init__(self, engine: str, stage: int, world: int):
+        self.engine, self.stage, self.world = engine, stage, world
+
+    @property
+    def partitioned(self) -> bool:
+        return self.engine == "deepspeed" and self.stage >= 1
+
+    def pieces(self, shape: tuple[int, ...]) -> list[tuple[FlatSlice, int]]:
+        """``(piece, local numel)`` of a parameter of ``shape`` on every rank."""
+        numel = math.prod(shape)
+        w = self.world
+        if self.engine == "fsdp2" and w > 1:
+            bounds = _rows_bounds(shape, w)
+            return [(FlatSlice(numel, bounds, k), b - a) for k, (a, b) in enumerate(bounds)]
+        if self.partitioned and w > 1:
+            size = _partition(numel, w, self.stage)
+            bounds = _flat_bounds(numel, size, w)
+            return [(FlatSlice(numel, bounds, k), size) for k in range(w)]
+        return [(FlatSlice.whole(numel), numel)] * w
+
+    def group_numel(self, shapes: list[tuple[int, ...]]) -> int:
+        """Local elements of a DeepSpeed flat group buffer holding parameters of ``shapes``."""
+        if self.stage == 3:
+            return sum(_partition(math.prod(s), self.world, 3) for s in shapes)
+        return _partition(sum(math.prod(s) for s in shapes), self.world, self.stage)
+
+    def weight_numel(self, shape: tuple[int, ...]) -> list[int]:
+        if self.engine == "fsdp2" or (self.engine == "deepspeed" and self.stage == 3):
+            return [n for _, n in self.pieces(shape)]
+        return [math.prod(shape)] * self.world
+
+    def grad_numel(self, shape: tuple[int, ...]) -> list[int]:
+        if self.engine == "fsdp2" or (self.engine == "deepspeed" and self.stage >= 2):
+            return [n for _, n in self.pieces(shape)]
+        return [math.prod(shape)] * self.world
+
+
+# ----------------------------------------------------------------------------- the estimator
+def _resolve_model(model) -> tuple[str, LlamaConfig]:
+    if isinstance(model, LlamaConfig):
+        return f"custom(dim={model.dim}, layers={model.n_layers})", model
+    if isinstance(model, str):
+        return model, get_config(model)
+    raise TypeError(f"model must be a named config (str) or a LlamaConfig, got {type(model).__name__}")
+
+
+def _dtype(name: str, what: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"invalid {what}={name!r}: accepted values are {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_engine(engine: str, zero_stage: int, world_size: int) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"invalid engine={engine!r}: accepted values are {', '.join(ENGINES)}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"invalid world_size={world_size!r}: accepted range is an integer >= 1")
+    if engine == "single" and world_size != 1:
+        raise ValueError(f"invalid world_size={world_size} for engine='single': it runs one process (world_size=1)")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"invalid zero_stage={zero_stage!r}: accepted values are 0, 1, 2, 3")
+    if engine != "deepspeed" and zero_stage != 0:
+        raise ValueError(f"invalid zero_stage={zero_stage} for engine={engine!r}: ZeRO stages apply to "
+                         "engine='deepspeed' only")
+
+
+def _meta_model(cfg: LlamaConfig, dtype: torch.dtype, reparam, reparam_options):
+    model = Llama(cfg, device="meta").to(dtype)
+    if reparam is not None:
+        from optimlib.reparam import apply, list_reparams
+
+        if reparam.lower() not in list_reparams():
+            raise ValueError(f"invalid reparam={reparam!r}: registered reparameterizations are "
+                             f"{', '.join(list_reparams()) or 'none'}")
+        apply(model, reparam, **(reparam_options or {}))
+    return model
+
+
+def _build_optimizer(model, optimizer: str, per_parameter_groups: bool, kwargs: dict):
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr", 1e-3)
+    try:
+        return create_optimizer(model, optimizer, lr=lr, per_parameter_groups=per_parameter_groups, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"optimizer_kwargs do not fit optimizer {optimizer!r}: {exc}") from None
+
+
+def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "adamw", reparam: str | None = None,
+                    engine: str = "single", zero_stage: int = 0, world_size: int = 1, dtype: str = "float32",
+                    micro_batch: int = 1, seq_len: int = 256, activation_checkpointing: bool = False, *,
+                    process_rank: int | None = None, activation_dtype: str | None = None, layerwise: bool = False,
+                    reparam_options: dict | None = None, **optimizer_kwargs) -> MemoryEstimate:
+    """Per-rank bytes of training ``model`` with ``optimizer`` (see the module docstring).
+
+    Args:
+        model: a named config (``llama_60m`` ... ``llama_7b``) or a :class:`LlamaConfig`.
+        optimizer: a registered optimizer name; ``optimizer_kwargs`` are its factory keyword
+            arguments (``rank``, ``projection``, ``moments_dtype``, ``momentum``, ...).
+        reparam, reparam_options: a registered reparameterization applied to the targeted linears.
+        engine: ``single``, ``fsdp2`` or ``deepspeed`` (with ``zero_stage`` 0-3); ``world_size``.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``bfloat16`` everywhere
+            is the GaLore paper's accounting.  ``activation_dtype``: the autocast dtype (default
+            ``dtype``).
+        micro_batch, seq_len, activation_checkpointing: the activation term.
+        process_rank: the rank (process) to report (default: the one with the largest total).
+        layerwise: optimizer-in-backward stepping (one parameter's gradient at a time).
+    """
+    name, cfg = _resolve_model(model)
+    _check_engine(engine, zero_stage, world_size)
+    if layerwise and engine == "deepspeed":
+        raise ValueError("invalid layerwise=True with engine='deepspeed': DeepSpeed owns the gradients; "
+                         "layer-wise stepping runs in one process or under FSDP2")
+    pdtype = _dtype(dtype, "dtype")
+    adtype = _dtype(activation_dtype or dtype, "activation_dtype")
+    if process_rank is not None and not (isinstance(process_rank, int) and 0 <= process_rank < world_size):
+        raise ValueError(f"invalid process_rank={process_rank!r}: accepted range is 0 .. world_size-1 "
+                         f"({world_size - 1})")
+    spec = get_optimizer_spec(optimizer)
+    rule = get_state_rule(spec.name)
+    place = _Placement(engine, zero_stage, world_size)
+    meta = _meta_model(cfg, pdtype, reparam, reparam_options)
+    opt = _build_optimizer(meta, spec.name, place.partitioned and spec.shape_aware, optimizer_kwargs)
+
+    deepspeed = engine == "deepspeed"
+    opt_dtype = torch.float32 if deepspeed and (zero_stage >= 1 or pdtype != torch.float32) else pdtype
+    w = world_size
+    weights, grads, states, master = [0] * w, [0] * w, [0] * w, [0] * w
+    breakdown = [dict() for _ in range(w)]
+    notes = []
+    largest_grad = [0] * w
+
+    def add_state(k: int, parts: dict) -> None:
+        for key, value in parts.items():
+            breakdown[k][key] = breakdown[k].get(key, 0) + int(value)
+            states[k] += int(value)
+
+    params = [p for p in meta.parameters() if p.requires_grad]
+    for p in params:
+        shape = tuple(p.shape)
+        size = p.element_size()
+        for k, n in enumerate(place.weight_numel(shape)):
+            weights[k] += n * size
+        gsize = 4 if deepspeed and zero_stage >= 2 else size
+        for k, n in enumerate(place.grad_numel(shape)):
+            grads[k] += n * gsize
+            largest_grad[k] = max(largest_grad[k], n * gsize)
+
+    for group in opt.param_groups:
+        resolved = {k: v for k, v in group.items() if k != "params"}
+        members = [tuple(p.shape) for p in group["params"]]
+        if place.partitioned and w > 1 and len(members) > 1:
+            numel = place.group_numel(members)
+            for k in range(w):
+                add_state(k, rule(OptimizerTensor(None, None, numel, opt_dtype, False, resolved)))
+                master[k] += numel * 4
+            continue
+        for shape in members:
+            for k, (piece, numel) in enumerate(place.pieces(shape)):
+                t = OptimizerTensor(shape, piece, numel, opt_dtype, engine == "fsdp2" and w > 1, resolved)
+                add_state(k, rule(t))
+                if place.partitioned:
+                    master[k] += numel * 4
+    buffers = sum(b.numel() * b.element_size() for b in meta.buffers())   # e.g. SLTrain's support: replicated
+    weights = [x + buffers for x in weights]
+    if deepspeed and zero_stage == 0 and pdtype != torch.float32:
+        master = [sum(math.prod(p.shape) for p in params) * 4] * w
+    if layerwise:
+        grads = largest_grad
+        notes.append("layerwise: one parameter's gradient at a time")
+    if any(group.get("rank") == "auto" or group.get("energy") is not None for group in opt.param_groups):
+        notes.append("adaptive rank counted at its cap (an upper bound)")
+
+    act = activation_bytes(cfg, micro_batch, seq_len, adtype, activation_checkpointing)
+    totals = [weights[k] + grads[k] + states[k] + master[k] + act for k in range(w)]
+    pick = max(range(w), key=lambda k: totals[k]) if process_rank is None else process_rank
+    return MemoryEstimate(
+        model=name, optimizer=spec.name, engine=engine, zero_stage=zero_stage, world_size=w, process_rank=pick,
+        dtype=dtype, num_parameters=sum(math.prod(p.shape) for p in params), weights=weights[pick],
+        gradients=grads[pick], optimizer_states=states[pick], master_weights=master[pick], activations=act,
+        state_breakdown=dict(breakdown[pick]), per_rank_total=tuple(totals), notes=tuple(notes))
