@@ -103,5 +103,9 @@ def after_step(model: nn.Module, optimizer=None) -> None:
 
 
 __all__ = ["ReparamSpec", "after_step", "apply", "get_reparam_spec", "list_reparams", "merge", "register_reparam"]
+
+from optimlib.reparam import sltrain  # noqa: E402,F401  (registers sltrain, lowrank)
 from optimlib.reparam import nm  # noqa: E402,F401  (registers nm)
 from optimlib.reparam import compander  # noqa: E402,F401  (registers compander)
+from optimlib.reparam import lost  # noqa: E402,F401  (registers lost)
+from optimlib.reparam import dynamic_rank  # noqa: E402,F401  (registers dynamic_rank)
