@@ -25,7 +25,9 @@ across ranks with one small collective (five numbers per rank), and element-wise
 moments, SGD's momentum) lives on the local piece.  Nothing gathers a full gradient.
 
 :func:`scale_invariant_projection` is the reusable core: it works on any ``(R, n)`` owned rows of
-a gradient, weight and update (e.g. a back-projected GaLore update) and a ``RowBlock``.
+a gradient, weight and update (e.g. a back-projected GaLore update) and a ``RowBlock``;
+:func:`adamp_direction` is AdamP's element-wise Adam part (GaLore's ``inner="adamp"`` runs it on the
+low-rank moments, :mod:`optimlib.optim.galore`).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
+from optimlib.optim._common import check_betas, check_real
 
-__all__ = ["AdamP", "SGDP", "adamp", "sgdp", "scale_invariant_projection", "channel_view_shape"]
+__all__ = ["AdamP", "SGDP", "adamp", "adamp_direction", "adamp_param_", "sgdp", "scale_invariant_projection",
+           "channel_view_shape"]
 
 
 # ----------------------------------------------------------------------------- the shape-aware core
@@ -124,6 +128,43 @@ def _project_local(grad: torch.Tensor, param: torch.Tensor, update: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- functional forms
+def adamp_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, step: int, *,
+                    lr: float, beta1: float, beta2: float, eps: float, nesterov: bool) -> tuple[torch.Tensor, float]:
+    """AdamP's Adam part, in place on the moments (``step`` already incremented, 1-based).
+
+    Returns ``(perturb, step_size)``: ``perturb = m / (sqrt(v) / sqrt(1 - beta2^t) + eps)`` (Nesterov:
+    ``(beta1 m + (1 - beta1) g) / ...``) and ``step_size = lr / (1 - beta1^t)``, exactly as
+    ``adamp.AdamP`` 0.3.0.  Element-wise, so it runs on any layout (a local piece, or GaLore's
+    low-rank projected gradient).
+    """
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    # sqrt(v) + eps first, then divide (rsqrt(v) + eps gave NaNs in a port of AdamP).
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    if nesterov:
+        perturb = (beta1 * exp_avg + (1 - beta1) * grad) / denom
+    else:
+        perturb = exp_avg / denom
+    return perturb, lr / bias_correction1
+
+
+def adamp_param_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 step: int, shape: Sequence[int], piece: FlatSlice, *, beta1: float, beta2: float, lr: float,
+                 weight_decay: float, eps: float, delta: float, wd_ratio: float, nesterov: bool) -> None:
+    """One AdamP step of one parameter's local piece, in place (``step`` already incremented)."""
+    perturb, step_size = adamp_direction(exp_avg, exp_avg_sq, grad, step, lr=lr, beta1=beta1, beta2=beta2,
+                                         eps=eps, nesterov=nesterov)
+    wd = 1.0
+    if len(shape) > 1 and piece.numel:
+        perturb, wd, _ = _project_local(grad, param, perturb, shape, piece, delta=delta,
+                                        wd_ratio=wd_ratio, eps=eps)
+    if weight_decay > 0:
+        param.mul_(1 - lr * weight_decay * wd)
+    param.add_(perturb, alpha=-step_size)
+
+
 def adamp(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
           exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor],
           shapes: list[Sequence[int]], pieces: list[FlatSlice], *, beta1: float, beta2: float,
@@ -134,27 +175,9 @@ def adamp(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     for param, grad, exp_avg, exp_avg_sq, step_t, shape, piece in zip(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, shapes, pieces):
         step_t += 1
-        step = float(step_t.item())
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
-
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        # sqrt(v) + eps first, then divide (rsqrt(v) + eps gave NaNs in a port of AdamP).
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-        step_size = lr / bias_correction1
-        if nesterov:
-            perturb = (beta1 * exp_avg + (1 - beta1) * grad) / denom
-        else:
-            perturb = exp_avg / denom
-
-        wd = 1.0
-        if len(shape) > 1 and piece.numel:
-            perturb, wd, _ = _project_local(grad, param, perturb, shape, piece, delta=delta,
-                                            wd_ratio=wd_ratio, eps=eps)
-        if weight_decay > 0:
-            param.mul_(1 - lr * weight_decay * wd)
-        param.add_(perturb, alpha=-step_size)
+        adamp_param_(param, grad, exp_avg, exp_avg_sq, int(step_t.item()), shape, piece, beta1=beta1,
+                     beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, delta=delta, wd_ratio=wd_ratio,
+                     nesterov=nesterov)
 
 
 def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -188,9 +211,25 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor],
 
 
 # ----------------------------------------------------------------------------- helpers shared by the classes
-def _check(name: str, value, ok: bool, accepted: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid {name}={value!r}: accepted range is {accepted}")
+def validate_adamp_group(group: dict) -> None:
+    """AdamP's hyper-parameters of one param group (``TypeError``/``ValueError`` naming the argument)."""
+    check_real("lr", group["lr"], low=0.0, allow_tensor=True)
+    check_betas("betas", group["betas"])
+    check_real("eps", group["eps"], low=0.0)
+    check_real("weight_decay", group["weight_decay"], low=0.0)
+    check_real("delta", group["delta"], low=0.0)
+    check_real("wd_ratio", group["wd_ratio"], low=0.0, high=1.0)
+
+
+def validate_sgdp_group(group: dict) -> None:
+    """SGDP's hyper-parameters of one param group."""
+    check_real("lr", group["lr"], low=0.0, allow_tensor=True)
+    check_real("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+    check_real("dampening", group["dampening"], low=0.0, high=1.0)
+    check_real("weight_decay", group["weight_decay"], low=0.0)
+    check_real("eps", group["eps"], low=0.0)
+    check_real("delta", group["delta"], low=0.0)
+    check_real("wd_ratio", group["wd_ratio"], low=0.0, high=1.0)
 
 
 def _placed(group: dict, index: int, p: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor, FlatSlice]:
@@ -245,16 +284,14 @@ class AdamP(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, delta: float = 0.1, wd_ratio: float = 0.1,
                  nesterov: bool = False):
-        _check("lr", lr, lr >= 0, "lr >= 0")
-        _check("betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
-               "two values, each in [0, 1)")
-        _check("eps", eps, eps >= 0, "eps >= 0")
-        _check("weight_decay", weight_decay, weight_decay >= 0, "weight_decay >= 0")
-        _check("delta", delta, delta >= 0, "delta >= 0")
-        _check("wd_ratio", wd_ratio, 0 <= wd_ratio <= 1, "[0, 1]")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
-                        wd_ratio=wd_ratio, nesterov=bool(nesterov))
+        defaults = dict(lr=lr, betas=check_betas("betas", betas), eps=eps, weight_decay=weight_decay,
+                        delta=delta, wd_ratio=wd_ratio, nesterov=bool(nesterov))
+        validate_adamp_group(defaults)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        validate_adamp_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
@@ -318,16 +355,14 @@ class SGDP(Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
                  wd_ratio: float = 0.1):
-        _check("lr", lr, lr >= 0, "lr >= 0")
-        _check("momentum", momentum, 0 <= momentum < 1, "[0, 1)")
-        _check("dampening", dampening, 0 <= dampening <= 1, "[0, 1]")
-        _check("weight_decay", weight_decay, weight_decay >= 0, "weight_decay >= 0")
-        _check("eps", eps, eps >= 0, "eps >= 0")
-        _check("delta", delta, delta >= 0, "delta >= 0")
-        _check("wd_ratio", wd_ratio, 0 <= wd_ratio <= 1, "[0, 1]")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=bool(nesterov), eps=eps, delta=delta, wd_ratio=wd_ratio)
+        validate_sgdp_group(defaults)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        validate_sgdp_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)

@@ -1,4 +1,4 @@
-r"""GaLore AdamW: Adam in a periodically refreshed low-rank gradient subspace.
+r"""GaLore AdamW: Adam (or AdamP, or SMMF) in a periodically refreshed low-rank gradient subspace.
 
 Zhao, Zhang, Chen, Wang, Anandkumar, Tian, "GaLore: Memory-Efficient LLM Training by Gradient
 Low-Rank Projection", ICML 2024, arXiv:2403.03507.  Semantics, defaults and the exact update of
@@ -21,6 +21,48 @@ matrix with gradient :math:`G_t`, at its step :math:`t` (per parameter, counted 
 and 0-/1-D parameters, get the same AdamW update on the full gradient (galore-torch's AdamW: note
 ``eps`` is added to ``sqrt(V)`` before the bias correction and weight decay comes after the
 update, unlike ``torch.optim.AdamW``).
+
+Inner rules (``inner``, a constructor argument or a group key; ``galore_adamp`` / ``galore_smmf``
+in the factory).  The projection piece is the same for every rule; what runs on the projected
+gradient ``R`` (and, on the full gradient, for the parameters outside the low-rank groups) is:
+
+``adamw`` (default)
+    the update above, bit for bit galore-torch's.
+``adamp``
+    AdamP (Heo et al., ICLR 2021, arXiv:2006.08217; :mod:`optimlib.optim.adamp`).  Its Adam part
+    runs on the low-rank moments (:func:`optimlib.optim.adamp.adamp_direction`: AdamP's bias
+    correction ``N = M / (sqrt(V) / sqrt(1 - b2^t) + eps)``, Nesterov optional).  Its
+    scale-invariance test and radial projection need the weight, which has no low-rank
+    counterpart, so they act on the **back-projected full-size update** ``U = scale * up(N)``:
+    when ``max |cos(G_row, W_row)| < delta / sqrt(n)`` (channel view) or ``|cos(G, W)| < delta /
+    sqrt(m n)`` (layer view) -- ``G`` the full gradient, as AdamP tests the gradient, not the
+    update -- the component of ``U`` along each row of ``W`` (or along ``W``) is removed and the
+    weight decay is multiplied by ``wd_ratio``
+    (:func:`optimlib.optim.adamp.scale_invariant_projection`, on row shards with one 5-number
+    collective).  Then ``W <- W (1 - lr wd wd_factor) - lr / (1 - b1^t) U``.  Group keys
+    ``delta`` (0.1), ``wd_ratio`` (0.1), ``nesterov`` (False); ``correct_bias`` is ignored.
+``smmf``
+    SMMF (Park & Lee, AAAI 2025, arXiv:2412.08894; :mod:`optimlib.optim.smmf`).  The low-rank
+    moments -- the ``(m, r)`` matrix of a right projection, the transpose of the ``(r, n)`` one
+    of a left projection -- are stored as SMMF stores any tensor: square-matricized, rank-1
+    factors of ``|M|`` and ``V`` plus the 1-bit packed sign of ``M``
+    (:class:`optimlib.optim.smmf.SMMFLayout`), updated with SMMF's schedules ``b1_t = betas[0] *
+    growth_rate^(t-1)``, ``b2_t = 1 - t^decay_rate`` (``betas[1]`` is not used) and no bias
+    correction; then ``W <- W (1 - lr wd) - lr * scale * up(M / (sqrt(V) + eps))``.  Row shards
+    of the low-rank moments are pieces of that flattened matrix (SMMF's column factors take one
+    all-reduce of ``2 cols`` numbers).  Group keys ``decay_rate`` (-0.5; the SMMF README advises
+    -0.8 for Transformers), ``growth_rate`` (0.999); ``moments_dtype`` must be ``None``.
+
+Refresh policies with ``inner="smmf"``: ``keep`` reuses the factors as coordinates in the new
+basis (nothing is touched when the rank does not change; a rank change re-factorizes the leading
+columns); ``rotate`` decompresses ``M`` and ``V`` to the dense low-rank moments (one transient
+``K x r`` pair), rotates them as above (``M O``, ``V (O * O)``) and re-factorizes them -- exact
+when ``|M O|`` stays rank 1 in SMMF's matrix view (a signed permutation of the basis), otherwise
+the rotated moments get SMMF's usual rank-1 approximation; ``reset`` zeroes the factors and
+restarts SMMF's schedules (``b2_1 = 0``: the next ``V`` is the squared projected gradient).
+
+With the identity as basis and ``scale=1`` the projected space is the full space and
+``inner="adamp"`` / ``"smmf"`` reduce to AdamP / SMMF bit for bit (tests/optim/test_galore_inner.py).
 
 Low-rank group keys (galore-torch's, with its defaults where it has them): ``rank`` (int or
 ``"auto"``), ``update_proj_gap`` (T, 200), ``scale`` (0.25), ``proj_type`` (``std``,
@@ -58,7 +100,11 @@ counters are per parameter (ZeRO-3 calls ``step()`` once per sub-group). Collect
 low-rank parameter and step: for a right projection none, except one all-gather of the ``r x n``
 basis when it is stored sharded (``shard_basis``, svd/randomized bases); for a left one an
 all-reduce of the ``r x n`` projected gradient and an all-gather of the ``r x n`` update (plus
-RowBlock's exchange of one row per rank when DeepSpeed slices start mid-row); refreshes as described in :mod:`optimlib.optim.projection`.
+RowBlock's exchange of one row per rank when DeepSpeed slices start mid-row); refreshes as
+described in :mod:`optimlib.optim.projection`.  The inner rules add: ``smmf`` one all-reduce of
+SMMF's ``2 cols`` column sums (plus an exchange of one matrix-view row when a rank's piece of the
+low-rank moments starts mid-row); ``adamp`` one 5-number all-gather (the channel-view maximum and
+the layer-view sums) and the exchange of one weight row.
 Every rank must step the same parameters in the same order.
 
 Layer-wise stepping (optimizer in backward, gradients freed as they are used, one step per
@@ -68,7 +114,11 @@ gradient-accumulation window, one LR clock): :meth:`GaLoreAdamW.layerwise` /
 State (per parameter; tensors and plain ints only, so ``torch.load(weights_only=True)`` reads a
 checkpoint): ``step``, ``moment_step``, ``seed``, ``rank``, ``refreshes``, the basis (``basis``,
 ``indices`` or ``basis_seed``), and ``exp_avg``/``exp_avg_sq`` (or their ``_codes``/``_absmax``
-when quantized; the second moment is then stored as its square root).
+when quantized; the second moment is then stored as its square root), or with ``inner="smmf"``
+SMMF's ``exp_avg_row``/``exp_avg_col``/``exp_avg_sq_row``/``exp_avg_sq_col``/``exp_avg_sign``.
+Parameters outside the low-rank groups keep the inner optimizer's own state (AdamW/AdamP
+moments, SMMF factors) with an int ``step``.  Loading a state dict keeps every tensor's saved
+dtype (torch would cast codes, indices, sign bits and float32 factors to the parameter's dtype).
 """
 
 from __future__ import annotations
@@ -80,13 +130,18 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
-from optimlib.distributed.row_block import RowBlock
+from optimlib.distributed.row_block import FlatSlice, RowBlock
+from optimlib.optim._common import check_betas, check_choice, check_real, load_state_dict_keeping_dtypes
+from optimlib.optim.adamp import adamp_direction, adamp_param_, scale_invariant_projection
 from optimlib.optim.projection import ProjectionConfig, Projector, matrix_shape, name_seed
 from optimlib.optim.quantize import dequantize_blockwise, hash_uniform, quantize_blockwise
+from optimlib.optim.smmf import SMMFLayout, smmf_betas, smmf_param_, validate_smmf_hyperparameters
 
-__all__ = ["GaLoreAdamW", "LayerwiseStepper", "galore_adamw_dense_", "galore_adamw_lowrank_", "LOWRANK_KEYS"]
+__all__ = ["GaLoreAdamW", "LayerwiseStepper", "galore_adamw_dense_", "galore_lowrank_", "galore_adamw_lowrank_",
+           "LOWRANK_KEYS", "INNER_RULES"]
 
 ON_REFRESH = ("keep", "rotate", "reset")
+INNER_RULES = ("adamw", "adamp", "smmf")
 MOMENTS_DTYPES = (None, "float32", "bfloat16", "float16", "int8")
 BASIS_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -99,7 +154,7 @@ LOWRANK_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projection", "
 
 
 def _bad(name: str, value, accepted: str):
-    raise ValueError(f"invalid {name}={value!r}: accepted {accepted}")
+    raise ValueError(f"invalid {name}={value!r}: accepted range is {accepted}")
 
 
 def is_lowrank_group(group: dict) -> bool:
@@ -167,7 +222,9 @@ class _Moments:
     def _to_kr(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.proj.side == "right" else t.t()
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two moments in the projector's layout (``rank``: that of the stored moments; their
+        shapes carry it here)."""
         s = self.state
         if not self.quantized:
             return to_local(s["exp_avg"]), to_local(s["exp_avg_sq"])
@@ -206,18 +263,82 @@ class _Moments:
     def zeros(self, rank: int) -> torch.Tensor:
         return torch.zeros(self.proj.low_shape(rank), dtype=self.dtype, device=self.device)
 
+    def init(self, rank: int) -> None:
+        """Zero moments of rank ``rank``."""
+        self.write(self.zeros(rank), self.zeros(rank), fresh=True)
+
+
+class _SMMFMoments:
+    """SMMF-factorized low-rank moments (``inner="smmf"``), with :class:`_Moments`' interface.
+
+    The low-rank moments of a parameter form a ``(kept, r)`` matrix (kept-major: ``(m, r)`` for a
+    right projection, the transpose of the ``(r, n)`` moments of a left one); this rank holds the
+    contiguous rows ``kept`` of it, i.e. a contiguous piece of its flattening.  SMMF treats that
+    matrix as any tensor: square-matricized (:func:`optimlib.optim.smmf.smmf_matrix_shape`), rank-1
+    factors of ``|M|`` and ``V`` plus the packed sign bits of ``M``, row-sharded by
+    :class:`optimlib.optim.smmf.SMMFLayout` (one all-reduce of the column sums per step; an edge
+    exchange of one row when the pieces start mid-row).  State keys are SMMF's:
+    ``exp_avg_row``/``exp_avg_col``/``exp_avg_sq_row``/``exp_avg_sq_col`` (float32) and
+    ``exp_avg_sign`` (packed ``uint8``).  ``read``/``write`` decompress to and compress from the
+    dense low-rank moments (used on basis refreshes only).
+    """
+
+    quantized = False
+
+    def __init__(self, state: dict, projector: Projector, like: torch.Tensor, param):
+        self.state, self.proj, self.param, self.device = state, projector, param, like.device
+
+    def exists(self) -> bool:
+        return "exp_avg_sq_row" in self.state
+
+    def layout(self, rank: int) -> SMMFLayout:
+        p = self.proj
+        numel = p.kept_size * rank
+        piece = FlatSlice(numel, tuple((a * rank, b * rank) for a, b in p.kept_bounds), p.block.piece.rank,
+                          p.block.group)
+        return SMMFLayout(numel, piece)
+
+    def _flat(self, low: torch.Tensor) -> torch.Tensor:
+        return low.reshape(-1) if self.proj.side == "right" else low.t().reshape(-1)
+
+    def _unflat(self, flat: torch.Tensor, rank: int) -> torch.Tensor:
+        kr = flat.view(self.proj.local_kept, rank)
+        return kr if self.proj.side == "right" else kr.t()
+
+    def init(self, rank: int) -> None:
+        self.layout(rank).init_state(self.state, self.param, momentum=True, device=self.device)
+
+    def zeros(self, rank: int) -> torch.Tensor:
+        return torch.zeros(self.proj.low_shape(rank), dtype=torch.float32, device=self.device)
+
+    def read(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        rank = int(self.state["rank"]) if rank is None else rank
+        m, v = self.layout(rank).read(self.state)
+        return self._unflat(m, rank), self._unflat(v, rank)
+
+    def write(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, fresh: bool = False) -> None:
+        rank = exp_avg.shape[self.proj.rank_dim]
+        self.layout(rank).write(self.state, self._flat(exp_avg), self._flat(exp_avg_sq), self.param)
+
+    def step(self, low: torch.Tensor, *, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+        """SMMF's moment update with the projected gradient ``low``; returns ``M / (sqrt(V) + eps)``
+        in the projector's layout (float32)."""
+        rank = low.shape[self.proj.rank_dim]
+        update = self.layout(rank).update(self._flat(low), self.state, beta1=beta1, beta2=beta2, eps=eps)
+        return self._unflat(update, rank)
+
 
 def _on_refresh(policy: str, moments: _Moments, projector: Projector, old: dict, state: dict) -> None:
     """Carry the moments from the old basis (``old``) to the new one (in ``state``)."""
     r_old, r_new = int(old["rank"]), int(state["rank"])
     if policy == "reset":
-        moments.write(moments.zeros(r_new), moments.zeros(r_new), fresh=True)
+        moments.init(r_new)
         state["moment_step"] = 0
         return
     if policy == "keep":
         if r_old == r_new:
             return
-        m, v = moments.read()
+        m, v = moments.read(r_old)
         k = min(r_old, r_new)
         new_m, new_v = moments.zeros(r_new), moments.zeros(r_new)
         keep = (slice(None), slice(0, k)) if projector.rank_dim == 1 else (slice(0, k), slice(None))
@@ -225,22 +346,24 @@ def _on_refresh(policy: str, moments: _Moments, projector: Projector, old: dict,
         new_v[keep] = v[keep]
         moments.write(new_m, new_v, fresh=True)
         return
-    m, v = moments.read()
+    m, v = moments.read(r_old)
     o = projector.overlap(old, state, dtype=torch.float32, device=m.device)
     new_m = projector.transform(m.float(), o).to(m.dtype)
     new_v = projector.transform(v.float(), o * o).to(v.dtype)
     moments.write(new_m, new_v, fresh=True)
 
 
-def galore_adamw_lowrank_(param: torch.Tensor, grad: torch.Tensor, state: dict, projector: Projector,
-                          moments: _Moments, *, lr: float, beta1: float, beta2: float, eps: float,
-                          weight_decay: float, correct_bias: bool, scale: float, on_refresh: str,
-                          basis_dtype=None) -> None:
-    """One GaLore AdamW step of one parameter, in place on its local piece ``param``.
+def galore_lowrank_(param: torch.Tensor, grad: torch.Tensor, state: dict, projector: Projector, moments, *,
+                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
+                    on_refresh: str, inner: str = "adamw", correct_bias: bool = True, basis_dtype=None,
+                    delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False, decay_rate: float = -0.5,
+                    growth_rate: float = 0.999) -> None:
+    """One projected step of one parameter, in place on its local piece ``param``.
 
     ``grad``: the local gradient piece (laid out like ``param``); ``state``: the parameter's state
     (``step`` is incremented here); ``projector``: its :class:`Projector` (which carries the
-    RowBlock).  See the module docstring for the update.
+    RowBlock); ``moments``: :class:`_Moments` (``adamw``/``adamp``) or :class:`_SMMFMoments`
+    (``smmf``); ``inner``: the rule run in the projected space (see the module docstring).
     """
     block = projector.block
     # One process, whole parameter: the row view is a reshape (skip RowBlock's generic path).
@@ -252,22 +375,48 @@ def galore_adamw_lowrank_(param: torch.Tensor, grad: torch.Tensor, state: dict, 
             _on_refresh(on_refresh, moments, projector, old, state)
     low = projector.down(state, grad_rows)                        # (K, r) right, (r, K) left
     if not moments.exists():
-        r = low.shape[projector.rank_dim]
-        moments.write(moments.zeros(r), moments.zeros(r), fresh=True)
-    exp_avg, exp_avg_sq = moments.read()
+        moments.init(low.shape[projector.rank_dim])
     state["step"] = int(state["step"]) + 1
-    state["moment_step"] = int(state.get("moment_step", 0)) + 1
-    low = low.to(exp_avg.dtype)
-    exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt().add_(eps)
-    step_size = _step_size(lr, beta1, beta2, state["moment_step"], correct_bias)
-    norm_grad = exp_avg / denom
-    moments.write(exp_avg, exp_avg_sq)
-    update = projector.up(state, norm_grad.to(grad.dtype)) * scale  # (R, n)
+    state["moment_step"] = t = int(state.get("moment_step", 0)) + 1
+    if inner == "smmf":
+        b1, b2 = smmf_betas(t, beta1, decay_rate, growth_rate)
+        direction = moments.step(low, beta1=b1, beta2=b2, eps=eps)
+        step_size = lr
+    else:
+        exp_avg, exp_avg_sq = moments.read()
+        low = low.to(exp_avg.dtype)
+        if inner == "adamp":
+            direction, step_size = adamp_direction(exp_avg, exp_avg_sq, low, t, lr=lr, beta1=beta1, beta2=beta2,
+                                                   eps=eps, nesterov=nesterov)
+        else:
+            exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+            denom = exp_avg_sq.sqrt().add_(eps)
+            step_size = _step_size(lr, beta1, beta2, t, correct_bias)
+            direction = exp_avg / denom
+        moments.write(exp_avg, exp_avg_sq)
+    update = projector.up(state, direction.to(grad.dtype)) * scale  # (R, n)
+    if inner == "adamw":
+        param.add_(update.view_as(param) if whole else block.to_local(update, like=param), alpha=-step_size)
+        if weight_decay > 0.0:
+            param.add_(param, alpha=-lr * weight_decay)
+        return
+    wd_factor = 1.0
+    if inner == "adamp":
+        # AdamP's scale-invariance test and radial projection need the weight: they act on the
+        # back-projected full-size update, against the weight and the (full) gradient rows.
+        param_rows = param.reshape(block.shape) if whole else block.rows(param)
+        update, wd_factor, _ = scale_invariant_projection(grad_rows, param_rows, update, block, delta=delta,
+                                                          wd_ratio=wd_ratio, eps=eps)
+    if weight_decay > 0.0:               # AdamP and SMMF: decoupled decay before the update
+        param.mul_(1 - lr * weight_decay * wd_factor)
     param.add_(update.view_as(param) if whole else block.to_local(update, like=param), alpha=-step_size)
-    if weight_decay > 0.0:
-        param.add_(param, alpha=-lr * weight_decay)
+
+
+def galore_adamw_lowrank_(param: torch.Tensor, grad: torch.Tensor, state: dict, projector: Projector,
+                          moments: _Moments, **kwargs) -> None:
+    """:func:`galore_lowrank_` with the AdamW inner rule (galore-torch's update)."""
+    galore_lowrank_(param, grad, state, projector, moments, inner="adamw", **kwargs)
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -304,7 +453,15 @@ class GaLoreAdamW(Optimizer):
         shard_basis: on several ranks, each rank stores a column block of a right-projection
             basis (``(r, n)``) and the ranks all-gather it when they step (an ``r x n``
             collective per step); ``False`` replicates it (no collective, ``r n`` more bytes per rank).
+        inner: the rule run in the projected space and on the other parameters: ``adamw``
+            (default), ``adamp`` or ``smmf`` (see the module docstring).
+        delta (>= 0), wd_ratio (in [0, 1]), nesterov: AdamP's, for ``inner="adamp"``.
+        decay_rate (in [-1, 0]), growth_rate (in [0, 1]): SMMF's, for ``inner="smmf"``
+            (``betas[0]`` is SMMF's ``beta``).
         no_deprecation_warning: accepted for drop-in compatibility with galore-torch; ignored.
+
+    Invalid arguments raise ``ValueError`` (``TypeError`` for a non-number where a number is
+    expected) naming the argument and its accepted range, at construction.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -314,24 +471,23 @@ class GaLoreAdamW(Optimizer):
                  oversample: int = 8, power_iters: int = 2, energy: float | None = None, min_rank: int = 1,
                  max_rank: int | None = None, dct_norm: int = 1, moments_dtype: str | None = None,
                  quant_block: int = 256, stochastic_rounding: bool = True, basis_dtype: str | None = None,
-                 seed: int = 0, canonical_signs: bool = True, shard_basis: bool = True,
-                 no_deprecation_warning: bool = True):
-        if not (isinstance(lr, (int, float)) and lr >= 0.0):
-            _bad("lr", lr, "a number >= 0")
-        if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
-            _bad("betas", betas, "two numbers, each in [0, 1)")
-        if not (isinstance(eps, (int, float)) and eps >= 0.0):
-            _bad("eps", eps, "a number >= 0")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0.0):
-            _bad("weight_decay", weight_decay, "a number >= 0")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                 seed: int = 0, canonical_signs: bool = True, shard_basis: bool = True, inner: str = "adamw",
+                 delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False, decay_rate: float = -0.5,
+                 growth_rate: float = 0.999, no_deprecation_warning: bool = True):
+        defaults = dict(lr=lr, betas=check_betas("betas", betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=bool(correct_bias), update_proj_gap=update_proj_gap, scale=scale,
                         proj_type=proj_type, projection=projection, on_refresh=on_refresh, stagger=stagger,
                         oversample=oversample, power_iters=power_iters, energy=energy, min_rank=min_rank,
                         max_rank=max_rank, dct_norm=dct_norm, moments_dtype=moments_dtype,
                         quant_block=quant_block, stochastic_rounding=stochastic_rounding,
                         basis_dtype=basis_dtype, seed=seed, canonical_signs=canonical_signs,
-                        shard_basis=shard_basis)
+                        shard_basis=shard_basis, inner=inner, delta=delta, wd_ratio=wd_ratio,
+                        nesterov=bool(nesterov), decay_rate=decay_rate, growth_rate=growth_rate)
+        # The options every group uses (low-rank ones are checked per low-rank group).
+        self._validate_common(defaults)
+        if inner == "smmf" and moments_dtype is not None:
+            _bad("moments_dtype", moments_dtype, "None with inner='smmf' (SMMF stores its own float32 factors "
+                 "and 1-bit signs)")
         self._lowrank_count = 0
         super().__init__(params, defaults)
 
@@ -349,10 +505,19 @@ class GaLoreAdamW(Optimizer):
             self._lowrank_count += n
 
     @staticmethod
-    def _validate_group(group: dict) -> None:
-        lr = group["lr"]
-        if not (isinstance(lr, torch.Tensor) or (isinstance(lr, (int, float)) and lr >= 0)):
-            _bad("lr", lr, "a number >= 0")
+    def _validate_common(group: dict) -> None:
+        check_real("lr", group["lr"], low=0.0, allow_tensor=True)
+        check_betas("betas", group["betas"])
+        check_real("eps", group["eps"], low=0.0)
+        check_real("weight_decay", group["weight_decay"], low=0.0)
+        check_choice("inner", group["inner"], INNER_RULES)
+        check_real("delta", group["delta"], low=0.0)
+        check_real("wd_ratio", group["wd_ratio"], low=0.0, high=1.0)
+        validate_smmf_hyperparameters(decay_rate=group["decay_rate"], growth_rate=group["growth_rate"])
+
+    @classmethod
+    def _validate_group(cls, group: dict) -> None:
+        cls._validate_common(group)
         shapes = group.get("shapes")
         if shapes is not None and len(shapes) != len(group["params"]):
             raise ValueError(f"param group has {len(group['params'])} parameters but {len(shapes)} shapes")
@@ -367,6 +532,9 @@ class GaLoreAdamW(Optimizer):
             _bad("on_refresh", group["on_refresh"], f"one of {', '.join(ON_REFRESH)}")
         if group["moments_dtype"] not in MOMENTS_DTYPES:
             _bad("moments_dtype", group["moments_dtype"], "None, 'float32', 'bfloat16', 'float16' or 'int8'")
+        if group["inner"] == "smmf" and group["moments_dtype"] is not None:
+            _bad("moments_dtype", group["moments_dtype"], "None with inner='smmf' (SMMF stores its own float32 "
+                 "factors and 1-bit signs)")
         if group["basis_dtype"] not in BASIS_DTYPES:
             _bad("basis_dtype", group["basis_dtype"], "None, 'float32', 'float64', 'bfloat16' or 'float16'")
         qb = group["quant_block"]
@@ -385,12 +553,9 @@ class GaLoreAdamW(Optimizer):
 
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype: keep block maxima in fp32.
-        for st in self.state.values():
-            for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
-                if key in st and st[key].dtype != torch.float32:
-                    st[key] = st[key].float()
+        # torch casts every state tensor to the parameter's dtype: keep int8 codes, fp32 block
+        # maxima, int32 DCT indices, SMMF's factors and sign bits, fp32 moments as they were saved.
+        load_state_dict_keeping_dtypes(self, state_dict, super().load_state_dict)
 
     # ------------------------------------------------------------------ step
     _CONFIG_FIELDS = tuple(ProjectionConfig.__dataclass_fields__)
@@ -438,25 +603,49 @@ class GaLoreAdamW(Optimizer):
         if not state:
             state["step"] = 0
             state["seed"] = name_seed(name, int(group.get("seed", 0)))
-        if is_lowrank_group(group) and len(shape) >= 2:
+        if is_lowrank_group(group) and len(shape) >= 2 and math.prod(shape) > 0:  # empty: the dense rule
             config = self._config(group)
             offsets = group.get("refresh_offsets")
             block = RowBlock(matrix_shape(shape), piece)
             mesh = p.device_mesh if is_dtensor(p) and p.device_mesh.ndim == 1 else None
             projector = Projector(config, block, offset=offsets[i] if offsets else 0, name=name, mesh=mesh)
-            moments = _Moments(state, group, projector, g, p)
+            inner = group["inner"]
+            moments = (_SMMFMoments(state, projector, g, p) if inner == "smmf"
+                       else _Moments(state, group, projector, g, p))
             bd = group["basis_dtype"]
-            galore_adamw_lowrank_(local, g, state, projector, moments, lr=lr, beta1=beta1, beta2=beta2,
-                                  eps=group["eps"], weight_decay=group["weight_decay"],
-                                  correct_bias=group["correct_bias"], scale=float(group["scale"]),
-                                  on_refresh=group["on_refresh"],
-                                  basis_dtype=getattr(torch, bd) if bd else None)
+            galore_lowrank_(local, g, state, projector, moments, lr=lr, beta1=beta1, beta2=beta2,
+                            eps=group["eps"], weight_decay=group["weight_decay"], scale=float(group["scale"]),
+                            on_refresh=group["on_refresh"], inner=inner, correct_bias=group["correct_bias"],
+                            basis_dtype=getattr(torch, bd) if bd else None, delta=group["delta"],
+                            wd_ratio=group["wd_ratio"], nesterov=group["nesterov"],
+                            decay_rate=group["decay_rate"], growth_rate=group["growth_rate"])
+            return
+        self._step_dense(group, p, local, piece, shape, g, state)
+
+    @staticmethod
+    def _step_dense(group: dict, p: torch.Tensor, local: torch.Tensor, piece, shape, g: torch.Tensor,
+                    state: dict) -> None:
+        """The inner rule on the full gradient (groups without ``rank``, 0-/1-D parameters): the
+        inner optimizer's own per-parameter step (galore-torch's AdamW, AdamP, SMMF)."""
+        beta1, beta2 = group["betas"]
+        lr, inner = float(group["lr"]), group["inner"]
+        if inner == "smmf":
+            state["step"] = int(state["step"]) + 1
+            smmf_param_(local, g, piece, shape, state, state["step"], p, lr=lr, beta=beta1, eps=group["eps"],
+                        weight_decay=group["weight_decay"], decay_rate=group["decay_rate"],
+                        growth_rate=group["growth_rate"])
             return
         if "exp_avg" not in state:
             # zeros_like(p): a DTensor under FSDP2 (distributed checkpoints shard it).
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] = int(state["step"]) + 1
+        if inner == "adamp":
+            adamp_param_(local, g, to_local(state["exp_avg"]), to_local(state["exp_avg_sq"]), state["step"], shape,
+                         piece, beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"],
+                         eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
+                         nesterov=group["nesterov"])
+            return
         galore_adamw_dense_(local, g, to_local(state["exp_avg"]), to_local(state["exp_avg_sq"]), state["step"],
                             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"], correct_bias=group["correct_bias"])
@@ -560,11 +749,30 @@ class LayerwiseStepper:
 from optimlib.optim.factory import register_optimizer  # noqa: E402
 
 
+def _builder(inner: str):
+    def build(groups, lr, **kwargs):
+        given = kwargs.pop("inner", inner)
+        if given != inner:
+            raise ValueError(f"invalid inner={given!r} for galore_{inner}: use optimizer 'galore_{given}' or "
+                             f"'galore_adamw' with inner={given!r}")
+        return GaLoreAdamW(groups, lr=lr, inner=inner, **kwargs)
+    return build
+
+
+_GALORE_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+
+
 def _build_galore_adamw(groups, lr, **kwargs):
+    # Any inner rule may be chosen with galore_adamw's ``inner=`` keyword.
     return GaLoreAdamW(groups, lr=lr, **kwargs)
 
 
 register_optimizer(
-    "galore_adamw", _build_galore_adamw, shape_aware=True, matrix_keys=LOWRANK_KEYS,
-    defaults={"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+    "galore_adamw", _build_galore_adamw, shape_aware=True, matrix_keys=LOWRANK_KEYS, defaults=_GALORE_DEFAULTS,
     description="GaLore AdamW (Zhao et al., ICML 2024): Adam on a refreshed low-rank gradient projection")
+register_optimizer(
+    "galore_adamp", _builder("adamp"), shape_aware=True, matrix_keys=LOWRANK_KEYS, defaults=_GALORE_DEFAULTS,
+    description="GaLore with AdamP's rule: low-rank Adam moments, radial projection of the back-projected update")
+register_optimizer(
+    "galore_smmf", _builder("smmf"), shape_aware=True, matrix_keys=LOWRANK_KEYS, defaults=_GALORE_DEFAULTS,
+    description="GaLore with SMMF's rule: square-matricized rank-1 factors of the low-rank moments, 1-bit sign")

@@ -273,7 +273,7 @@ class ProjectionConfig:
 
     def validate(self) -> "ProjectionConfig":
         def bad(name, value, accepted):
-            raise ValueError(f"invalid {name}={value!r}: accepted {accepted}")
+            raise ValueError(f"invalid {name}={value!r}: accepted range is {accepted}")
 
         rank = self.rank
         if not (rank == "auto" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)):

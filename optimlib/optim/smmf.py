@@ -46,8 +46,11 @@ dim 0 (one slot per rank) so that distributed checkpoints save every rank's piec
 Peak memory: parameters are processed one at a time, with the full-size ``M``/``V`` temporaries
 of only that parameter's owned rows alive at any moment.
 
-:func:`smmf_direction` is the reusable core over ``(R, n)`` owned rows and a ``RowBlock`` (for
-example a projected low-rank GaLore gradient).
+:func:`smmf_direction` is the reusable core over ``(R, n)`` owned rows and a ``RowBlock``;
+:class:`SMMFLayout` places any tensor's factors (its matrix view, padding, row shards, FSDP2 slots)
+and is what both :class:`SMMF` and GaLore's ``inner="smmf"`` (the low-rank moments,
+:mod:`optimlib.optim.galore`) step; :func:`smmf_decompress` / :func:`smmf_compress_` convert
+between factors and dense moments (GaLore's ``rotate`` refresh policy uses them).
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock, near_square
+from optimlib.optim._common import check_choice, check_real, load_state_dict_keeping_dtypes
 from optimlib.optim.bitpack import pack_bits, packed_numel, unpack_bits
 
-__all__ = ["SMMF", "smmf_direction", "smmf_matrix_shape", "smmf_betas", "init_smmf_state"]
+__all__ = ["SMMF", "SMMFLayout", "smmf_direction", "smmf_decompress", "smmf_compress_", "smmf_param_",
+           "smmf_matrix_shape", "smmf_betas", "init_smmf_state"]
 
 
 # ----------------------------------------------------------------------------- shapes and schedules
@@ -107,6 +112,48 @@ def _normalise(col: torch.Tensor) -> torch.Tensor:
     return col / torch.where(total > 0, total, torch.ones_like(total))
 
 
+def smmf_decompress(num_rows: int, num_cols: int, *, exp_avg_sq_row: torch.Tensor, exp_avg_sq_col: torch.Tensor,
+                    exp_avg_row: torch.Tensor | None = None, exp_avg_col: torch.Tensor | None = None,
+                    exp_avg_sign: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The dense float32 ``(M_hat, V_hat)`` of ``num_rows`` owned rows from their factors:
+    ``M_hat = S (.) (r_M c_M^T)``, ``V_hat = r_V c_V^T`` (``M_hat`` is ``None`` without a first moment)."""
+    v = torch.outer(exp_avg_sq_row, exp_avg_sq_col)
+    if exp_avg_sign is None:
+        return None, v
+    m = torch.outer(exp_avg_row, exp_avg_col)
+    signs = unpack_bits(exp_avg_sign, num_rows * num_cols).view(num_rows, num_cols)
+    m.mul_(torch.where(signs, 1.0, -1.0))
+    return m, v
+
+
+def smmf_compress_(m: torch.Tensor | None, v: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: torch.Tensor,
+                   exp_avg_sq_col: torch.Tensor, exp_avg_row: torch.Tensor | None = None,
+                   exp_avg_col: torch.Tensor | None = None, exp_avg_sign: torch.Tensor | None = None) -> None:
+    """Store dense ``(R, n)`` owned rows of the moments as factors, in place: the sign bits of ``M``
+    and the closed-form rank-1 factors ``r = |X| 1``, ``c = |X|^T 1 / 1^T |X| 1`` of ``|M|`` and ``V``.
+
+    Collective: one ``all_reduce`` of the ``2 n`` (or ``n``) partial column sums when ``block``
+    spans several ranks; every rank must call it.
+    """
+    n = v.shape[1]
+    parts = []
+    if m is not None:
+        pack_bits(m > 0, out=exp_avg_sign)
+        abs_m = m.abs()
+        exp_avg_row.copy_(abs_m.sum(dim=1))
+        parts.append(abs_m.sum(dim=0))
+        del abs_m
+    exp_avg_sq_row.copy_(v.sum(dim=1))
+    parts.append(v.sum(dim=0))
+    cols = torch.cat(parts) if len(parts) > 1 else parts[0]
+    block.all_reduce(cols)
+    if m is not None:
+        exp_avg_col.copy_(_normalise(cols[:n]))
+        exp_avg_sq_col.copy_(_normalise(cols[n:]))
+    else:
+        exp_avg_sq_col.copy_(_normalise(cols))
+
+
 def smmf_direction(grad_rows: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: torch.Tensor,
                    exp_avg_sq_col: torch.Tensor, beta2: float, eps: float,
                    exp_avg_row: torch.Tensor | None = None, exp_avg_col: torch.Tensor | None = None,
@@ -128,41 +175,24 @@ def smmf_direction(grad_rows: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: 
     R, n = grad_rows.shape
     g = grad_rows.float()
     momentum = beta1 is not None
+    factors = dict(exp_avg_sq_row=exp_avg_sq_row, exp_avg_sq_col=exp_avg_sq_col)
+    if momentum:
+        factors.update(exp_avg_row=exp_avg_row, exp_avg_col=exp_avg_col, exp_avg_sign=exp_avg_sign)
     pad_from = None
     if valid_numel is not None:
         first = valid_numel - block.row_start * n
         if first < R * n:
             pad_from = max(first, 0)
 
-    # Decompress and update the second moment.
-    v = torch.outer(exp_avg_sq_row, exp_avg_sq_col)
+    m, v = smmf_decompress(R, n, **factors)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if pad_from is not None:
         v.view(-1)[pad_from:] = 0
-    parts = []
     if momentum:
-        m = torch.outer(exp_avg_row, exp_avg_col)
-        signs = unpack_bits(exp_avg_sign, R * n).view(R, n)
-        m.mul_(torch.where(signs, 1.0, -1.0))
-        del signs
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         if pad_from is not None:
             m.view(-1)[pad_from:] = 0
-        # Compress the first moment: sign bits, then rank-1 factors of |M|.
-        pack_bits(m > 0, out=exp_avg_sign)
-        abs_m = m.abs()
-        exp_avg_row.copy_(abs_m.sum(dim=1))
-        parts.append(abs_m.sum(dim=0))
-        del abs_m
-    exp_avg_sq_row.copy_(v.sum(dim=1))
-    parts.append(v.sum(dim=0))
-    cols = torch.cat(parts) if len(parts) > 1 else parts[0]
-    block.all_reduce(cols)
-    if momentum:
-        exp_avg_col.copy_(_normalise(cols[:n]))
-        exp_avg_sq_col.copy_(_normalise(cols[n:]))
-    else:
-        exp_avg_sq_col.copy_(_normalise(cols))
+    smmf_compress_(m, v, block, **factors)
 
     denom = v.sqrt_().add_(eps)
     if momentum:
@@ -206,8 +236,163 @@ def _unslot(t: torch.Tensor, length: int) -> torch.Tensor:
     return t
 
 
-# ----------------------------------------------------------------------------- the optimizer
 _FACTOR_KEYS = ("exp_avg_row", "exp_avg_col", "exp_avg_sq_row", "exp_avg_sq_col")
+
+
+class SMMFLayout:
+    """Where the SMMF factors of one tensor live, whatever holds it.
+
+    ``numel``: elements of the whole tensor (flattened row-major); ``piece``: this rank's contiguous
+    ``[a, b)`` of it (:class:`optimlib.distributed.FlatSlice`).  The tensor is viewed as the
+    near-square ``(rows, cols)`` matrix of :func:`smmf_matrix_shape` (zero-padded where that halves
+    the factors) and row-sharded with a :class:`RowBlock`.  The same layout serves a parameter (SMMF)
+    and a projected low-rank moment (GaLore with ``inner="smmf"``).
+
+    Under FSDP2 (``param`` a DTensor) the rank-local state -- row factors and sign bits -- is stored
+    as ``(world, k)`` DTensors sharded on dim 0 (one slot per rank), so distributed checkpoints save
+    every rank's piece; the column factors are equal on every rank and stored as plain tensors.
+    """
+
+    def __init__(self, numel: int, piece: FlatSlice):
+        self.numel = int(numel)
+        self.piece = piece
+        self.rows, self.cols = smmf_matrix_shape(self.numel)
+        self.ext = _extend(piece, self.rows * self.cols)
+        self.block = RowBlock((self.rows, self.cols), self.ext)
+        self.count = piece.stop - piece.start
+
+    @property
+    def padded(self) -> bool:
+        return self.rows * self.cols != self.numel
+
+    def init_state(self, state: dict, param: torch.Tensor, *, momentum: bool = True, device=None) -> None:
+        """Zero factors into ``state`` (replacing any there)."""
+        R = self.block.num_rows
+        most = max(e - s for s, e in self.block._owned)
+        fresh = init_smmf_state(R, self.cols, momentum=momentum, device=device)
+        if not momentum:
+            for key in ("exp_avg_row", "exp_avg_col", "exp_avg_sign"):
+                state.pop(key, None)
+        for key, value in fresh.items():
+            if key.endswith("_row"):
+                state[key] = _slot(value, most, param)
+            elif key == "exp_avg_sign":
+                state[key] = _slot(value, packed_numel(most * self.cols), param)
+            else:  # column factors are identical on every rank: plain (replicated) tensors
+                state[key] = value
+
+    def factors(self, state: dict) -> dict[str, torch.Tensor]:
+        """The plain local factor tensors in ``state`` (views: updates write through)."""
+        R = self.block.num_rows
+        out = {k: _unslot(state[k], R if k.endswith("_row") else self.cols) for k in _FACTOR_KEYS if k in state}
+        if "exp_avg_sign" in state:
+            out["exp_avg_sign"] = _unslot(state["exp_avg_sign"], packed_numel(R * self.cols))
+        return out
+
+    def update(self, grad: torch.Tensor, state: dict, *, beta1: float | None, beta2: float,
+               eps: float) -> torch.Tensor:
+        """One SMMF step of the moments with ``grad`` (laid out like the piece); returns the float32
+        update ``M / (sqrt(V) + eps)`` of the piece, flat (``b - a`` elements)."""
+        g_rows = self.block.rows(_ext_flat(grad, self.piece, self.ext))
+        rows = smmf_direction(g_rows, self.block, beta1=beta1, beta2=beta2, eps=eps,
+                              valid_numel=self.numel if self.padded else None, **self.factors(state))
+        del g_rows
+        return self.block.to_local(rows)[: self.count]
+
+    def read(self, state: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The decompressed moments ``(M_hat, V_hat)`` of the piece, flat float32 (``M_hat`` is
+        ``None`` without a first moment)."""
+        m, v = smmf_decompress(self.block.num_rows, self.cols, **self.factors(state))
+        outs = [self.block.to_local(t)[: self.count] for t in ((v,) if m is None else (m, v))]
+        return (None, outs[0]) if m is None else (outs[0], outs[1])
+
+    def write(self, state: dict, m: torch.Tensor | None, v: torch.Tensor, param: torch.Tensor) -> None:
+        """Compress dense moments of the piece (flat, ``b - a`` elements) into fresh factors."""
+        self.init_state(state, param, momentum=m is not None, device=v.device)
+        flats = [_ext_flat(t.float(), self.piece, self.ext) for t in ((v,) if m is None else (m, v))]
+        rows = self.block.rows_many(flats)
+        m_rows, v_rows = (None, rows[0]) if m is None else (rows[0], rows[1])
+        smmf_compress_(m_rows, v_rows, self.block, **self.factors(state))
+
+
+def smmf_param_(local: torch.Tensor, grad: torch.Tensor, piece: FlatSlice, shape, state: dict, step: int,
+                param: torch.Tensor, *, lr: float, beta: float | None, eps: float, weight_decay: float,
+                decay_rate: float, growth_rate: float, vector_reshape: bool = True,
+                weight_decay_mode: str = "adamw") -> None:
+    """One SMMF step of one parameter, in place on its local piece ``local``.
+
+    ``grad``: the local gradient piece; ``piece``/``shape``: where it lies in the global parameter
+    (:func:`optimlib.distributed.local_piece`); ``state``: its factors (created here on the first
+    call); ``step``: the 1-based step (already incremented); ``param``: the parameter as the
+    optimizer holds it (a DTensor under FSDP2, for the state layout).
+    """
+    numel = math.prod(shape)
+    if numel == 0:
+        return
+    beta1, beta2 = smmf_betas(step, beta, decay_rate, growth_rate)
+    if weight_decay > 0 and weight_decay_mode == "adam":
+        grad = grad.add(local, alpha=weight_decay)
+
+    if not (len(shape) >= 2 or vector_reshape):
+        if "exp_avg_sq" not in state:
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+            if beta is not None:
+                state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32,
+                                                    memory_format=torch.preserve_format)
+        exp_avg_sq = to_local(state["exp_avg_sq"])
+        g = grad.float()
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = exp_avg_sq.sqrt().add_(eps)
+        if beta1 is None:
+            update = g / denom
+        else:
+            exp_avg = to_local(state["exp_avg"])
+            exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+            update = exp_avg / denom
+        if weight_decay > 0 and weight_decay_mode == "adamw":
+            local.mul_(1 - lr * weight_decay)
+        local.add_(update.to(local.dtype), alpha=-lr)
+        return
+
+    layout = SMMFLayout(numel, piece)
+    if "exp_avg_sq_row" not in state:
+        layout.init_state(state, param, momentum=beta is not None, device=local.device)
+    update = layout.update(grad, state, beta1=beta1, beta2=beta2, eps=eps)
+    if weight_decay > 0 and weight_decay_mode == "adamw":
+        local.mul_(1 - lr * weight_decay)
+    count = layout.count
+    if count:
+        update = update.to(local.dtype)
+        flat = local.view(-1) if local.is_contiguous() else None
+        if flat is not None:
+            flat[:count].add_(update, alpha=-lr)
+        else:
+            full = torch.zeros(local.numel(), dtype=local.dtype, device=local.device)
+            full[:count] = update
+            local.add_(full.view(local.shape), alpha=-lr)
+
+
+# ----------------------------------------------------------------------------- the optimizer
+WEIGHT_DECAY_MODES = ("adamw", "adam")
+
+
+def validate_smmf_hyperparameters(*, decay_rate, growth_rate) -> None:
+    """SMMF's own schedule hyper-parameters (shared with GaLore's ``inner="smmf"``)."""
+    check_real("decay_rate", decay_rate, low=-1.0, high=0.0)
+    check_real("growth_rate", growth_rate, low=0.0, high=1.0)
+
+
+def validate_smmf_group(group: dict) -> None:
+    """SMMF's hyper-parameters of one param group (``TypeError``/``ValueError`` naming the argument)."""
+    check_real("lr", group["lr"], low=0.0, allow_tensor=True)
+    if group["beta"] is not None:
+        check_real("beta", group["beta"], low=0.0, high=1.0, high_open=True)
+    check_real("eps", group["eps"], low=0.0)
+    check_real("weight_decay", group["weight_decay"], low=0.0)
+    validate_smmf_hyperparameters(decay_rate=group["decay_rate"], growth_rate=group["growth_rate"])
+    check_choice("weight_decay_mode", group["weight_decay_mode"], WEIGHT_DECAY_MODES)
+
+
 
 
 class SMMF(Optimizer):
@@ -247,37 +432,20 @@ class SMMF(Optimizer):
     def __init__(self, params, lr: float = 1e-3, beta: float | None = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, decay_rate: float = -0.5, growth_rate: float = 0.999,
                  vector_reshape: bool = True, weight_decay_mode: str = "adamw"):
-        def check(name, value, ok, accepted):
-            if not ok:
-                raise ValueError(f"invalid {name}={value!r}: accepted range is {accepted}")
-
-        check("lr", lr, lr >= 0, "lr >= 0")
-        check("beta", beta, beta is None or 0.0 <= beta < 1.0, "[0, 1) or None")
-        check("eps", eps, eps >= 0, "eps >= 0")
-        check("weight_decay", weight_decay, weight_decay >= 0, "weight_decay >= 0")
-        check("decay_rate", decay_rate, -1.0 <= decay_rate <= 0.0, "[-1, 0]")
-        check("growth_rate", growth_rate, 0.0 <= growth_rate <= 1.0, "[0, 1]")
-        check("weight_decay_mode", weight_decay_mode, weight_decay_mode in ("adamw", "adam"),
-              "'adamw' or 'adam'")
         defaults = dict(lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, decay_rate=decay_rate,
                         growth_rate=growth_rate, vector_reshape=bool(vector_reshape),
                         weight_decay_mode=weight_decay_mode)
+        validate_smmf_group(defaults)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        validate_smmf_group(self.param_groups[-1])
 
     # torch casts floating state to the parameter's dtype on load: keep the packed sign uint8,
     # the factors float32 and the step float32 as they were saved.
     def load_state_dict(self, state_dict) -> None:
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        keep = {}
-        for pid, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, torch.Tensor) and (key == "exp_avg_sign" or key in _FACTOR_KEYS
-                                                        or key == "step"):
-                    keep[(id(p), key)] = (p, value)
-        super().load_state_dict(state_dict)
-        for (_, key), (p, value) in keep.items():
-            self.state[p][key] = value.to(device=to_local(p).device) if key != "step" else value.float()
+        load_state_dict_keeping_dtypes(self, state_dict, super().load_state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -302,86 +470,17 @@ class SMMF(Optimizer):
 
     def _step_param(self, p: torch.Tensor, group: dict, index: int) -> None:
         shape = global_shape(p, group, index)
-        numel = math.prod(shape)
-        if numel == 0:
+        if math.prod(shape) == 0:
             return
         local, piece = local_piece(p, shape)
-        grad = to_local(p.grad)
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        beta = group["beta"]
         state = self.state[p]
-        factored = len(shape) >= 2 or group["vector_reshape"]
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-            self._init_state(state, p, local, piece, numel, factored, beta is not None)
         state["step"] += 1
-        step = float(state["step"].item())
-        beta1, beta2 = smmf_betas(step, beta, group["decay_rate"], group["growth_rate"])
-        if wd > 0 and group["weight_decay_mode"] == "adam":
-            grad = grad.add(local, alpha=wd)
-
-        if not factored:
-            exp_avg_sq = to_local(state["exp_avg_sq"])
-            g = grad.float()
-            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = exp_avg_sq.sqrt().add_(eps)
-            if beta1 is None:
-                update = g / denom
-            else:
-                exp_avg = to_local(state["exp_avg"])
-                exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
-                update = exp_avg / denom
-            if wd > 0 and group["weight_decay_mode"] == "adamw":
-                local.mul_(1 - lr * wd)
-            local.add_(update.to(local.dtype), alpha=-lr)
-            return
-
-        rows, cols = smmf_matrix_shape(numel)
-        ext = _extend(piece, rows * cols)
-        block = RowBlock((rows, cols), ext)
-        g_rows = block.rows(_ext_flat(grad, piece, ext))
-        R = block.num_rows
-        factors = {k: _unslot(state[k], R if k.endswith("_row") else cols)
-                   for k in _FACTOR_KEYS if k in state}
-        if beta1 is not None:
-            factors["exp_avg_sign"] = _unslot(state["exp_avg_sign"], packed_numel(R * cols))
-        update_rows = smmf_direction(g_rows, block, beta1=beta1, beta2=beta2, eps=eps,
-                                     valid_numel=numel if rows * cols != numel else None, **factors)
-        del g_rows
-        update = block.to_local(update_rows)
-        del update_rows
-        if wd > 0 and group["weight_decay_mode"] == "adamw":
-            local.mul_(1 - lr * wd)
-        count = piece.stop - piece.start
-        if count:
-            update = update[:count].to(local.dtype)
-            flat = local.view(-1) if local.is_contiguous() else None
-            if flat is not None:
-                flat[:count].add_(update, alpha=-lr)
-            else:
-                full = torch.zeros(local.numel(), dtype=local.dtype, device=local.device)
-                full[:count] = update
-                local.add_(full.view(local.shape), alpha=-lr)
-
-    def _init_state(self, state: dict, p: torch.Tensor, local: torch.Tensor, piece: FlatSlice,
-                    numel: int, factored: bool, momentum: bool) -> None:
-        if not factored:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            if momentum:
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            return
-        rows, cols = smmf_matrix_shape(numel)
-        block = RowBlock((rows, cols), _extend(piece, rows * cols))
-        R = block.num_rows
-        most = max(e - s for s, e in block._owned)
-        fresh = init_smmf_state(R, cols, momentum=momentum, device=local.device)
-        for key, value in fresh.items():
-            if key.endswith("_row"):
-                state[key] = _slot(value, most, p)
-            elif key == "exp_avg_sign":
-                state[key] = _slot(value, packed_numel(most * cols), p)
-            else:  # column factors are identical on every rank: plain (replicated) tensors
-                state[key] = value
+        smmf_param_(local, to_local(p.grad), piece, shape, state, float(state["step"].item()), p, lr=group["lr"],
+                    beta=group["beta"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    decay_rate=group["decay_rate"], growth_rate=group["growth_rate"],
+                    vector_reshape=group["vector_reshape"], weight_decay_mode=group["weight_decay_mode"])
 
 
 # ----------------------------------------------------------------------------- registry

@@ -1,4 +1,5 @@
-"""Worker for test_adamp_smmf_distributed.py: AdamP, SGDP and SMMF on uneven shapes.
+"""Worker for test_adamp_smmf_distributed.py: AdamP, SGDP, SMMF, GaLore-SMMF and GaLore-AdamP on
+uneven shapes.
 
 ``python worker.py single OUT`` trains in one process; ``torchrun --nproc_per_node 2 worker.py
 fsdp2 OUT`` shards every parameter with FSDP2 ``fully_shard`` (``Shard(0)``, uneven rows);
@@ -35,6 +36,17 @@ OPTIMIZERS = {
     "adamp": ("adamp", dict(lr=1e-2, weight_decay=1e-2, nesterov=True)),
     "sgdp": ("sgdp", dict(lr=5e-2, momentum=0.9, weight_decay=1e-3)),
     "smmf": ("smmf", dict(lr=1e-2, weight_decay=1e-2, decay_rate=-0.8)),
+    # GaLore with SMMF's factors / AdamP's rule inside the projected space (the three linears are
+    # projected; the conv and the biases take the inner rule's full step).  Rank 3: the (53, 3)
+    # low-rank moments of l1 are prime-lopsided (159 elements), so SMMF pads them to a 14 x 12
+    # matrix whose rank pieces start mid-row.  DCT bases are refreshed every 3 steps and the
+    # moments rotated into the new basis (rotate = decompress, rotate, re-factorize).
+    "galore_smmf": ("galore_smmf", dict(lr=1e-2, weight_decay=1e-2, decay_rate=-0.8, eps=1e-8, rank=3,
+                                        update_proj_gap=3, scale=0.5, projection="dct", on_refresh="rotate",
+                                        target_modules=["l1", "l2", "l3"])),
+    "galore_adamp": ("galore_adamp", dict(lr=1e-2, weight_decay=1e-2, eps=1e-8, nesterov=True, rank=5,
+                                          update_proj_gap=4, scale=0.5, projection="random",
+                                          target_modules=["l1", "l2", "l3"])),
 }
 
 
@@ -95,11 +107,11 @@ def _train(model, opt, data, lo, hi):
 
 
 def _replicated_bytes(opt) -> int:
-    """Bytes of state every rank holds in full (step counters, SMMF's column factors)."""
+    """Bytes of state every rank holds in full (step counters, SMMF's column factors, DCT indices)."""
     from optimlib.distributed.layout import to_local
 
     return sum(to_local(v).numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
-               if k in ("step", "exp_avg_col", "exp_avg_sq_col"))
+               if k in ("step", "exp_avg_col", "exp_avg_sq_col", "indices") and isinstance(v, torch.Tensor))
 
 
 def _fsdp2_resume_diff(opt_name, lr, wd, kwargs, world, lo, hi, ckpt_dir, reference) -> float:
