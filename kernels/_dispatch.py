@@ -261,6 +261,20 @@ def round_through(x, DTYPE: tl.constexpr):
 
 
 @jit
+def tile_indices(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (row, column) tile of an M x N output that program ``pid`` computes, in groups of
+    ``GROUP_M`` tile rows so that neighbouring programs reuse the same input tiles (L2 reuse)."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n
+
+
+@jit
 def cast_rn(x, DTYPE: tl.constexpr):
     """``x.to(DTYPE)`` rounding to nearest-even on the GPU and in the interpreter alike (use it
     for every store of an fp32 value into a half-precision tensor)."""

@@ -26,7 +26,7 @@ cuBLAS / MKL, so kernel and twin agree to rounding, not bitwise.
 import torch
 
 from optimlib.kernels._dispatch import (cast_rn, cdiv, dot_precision, index_dtype, interpreted, jit, launch,
-                                        next_pow2, resolve_backend, round_through, tl, use_triton)
+                                        next_pow2, resolve_backend, round_through, tile_indices, tl, use_triton)
 
 __all__ = ["galore_backproject_update_", "galore_backproject_reference"]
 
@@ -52,14 +52,7 @@ def _backproject_kernel(w_ptr, a_ptr, b_ptr, M, N, K, sw0, sw1, sa0, sa1, sb0, s
                         DECAY_FIRST: tl.constexpr, HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr,
                         DOT_UPCAST: tl.constexpr, IDX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(IDX)
     rn = (pid_n * BN + tl.arange(0, BN)).to(IDX)
     rk = tl.arange(0, BK)

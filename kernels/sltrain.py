@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from optimlib.kernels._dispatch import (cast_rn, cdiv, dot_precision, index_dtype, interpreted, jit, launch, next_pow2,
-                                        resolve_backend, round_through, tl, use_triton)
+                                        resolve_backend, round_through, tile_indices, tl, use_triton)
 
 __all__ = ["sltrain_compose", "sltrain_grads", "sltrain_compose_reference", "sltrain_grads_reference"]
 
@@ -76,22 +76,10 @@ def _lower_bound(idx_ptr, nnz, keys, steps):
 
 
 @jit
-def _tile_indices(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    return pid_m, pid_n
-
-
-@jit
 def _compose_kernel(b_ptr, a_ptr, v_ptr, idx_ptr, w_ptr, M, N, K, nnz, steps, sb0, sb1, sa0, sa1,
                     HAS_SPARSE: tl.constexpr, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, IDX: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_indices(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(IDX)
     rn = (pid_n * BN + tl.arange(0, BN)).to(IDX)
     rk = tl.arange(0, BK)
@@ -132,7 +120,7 @@ def _sampled_kernel(dy_ptr, x_ptr, idx_ptr, out_ptr, T, M, N, nnz, steps, sdy0, 
                     BN: tl.constexpr,
                     BK: tl.constexpr, CH: tl.constexpr, GROUP_M: tl.constexpr):
     """``out[p] = (dy^T x)[indices[p]]``: the tiles of ``dy^T x`` reduced over ``T``, sampled."""
-    pid_m, pid_n = _tile_indices(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(IDX)
     rn = (pid_n * BN + tl.arange(0, BN)).to(IDX)
     n0 = pid_n * BN
