@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from optimlib.data import DataError
+from optimlib.distributed.teardown import exit_process, launched_distributed
 from optimlib.train.checkpoint import CheckpointError
 from optimlib.train.config import ConfigError, load_config
 from optimlib.train.engine import NonFiniteGradientError
@@ -39,4 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if launched_distributed():
+        exit_process(code)  # see optimlib.distributed.teardown: avoids an abort at finalization
+    sys.exit(code)

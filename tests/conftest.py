@@ -46,8 +46,12 @@ def launch(script: str | Path, args: list[str], *, launcher: str = "python", npr
                "--master_port", port, str(script), *args]
     else:
         raise ValueError(launcher)
-    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(**(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(**(env or {})), capture_output=True, text=True,
+                              timeout=timeout)
+    finally:  # a run that failed or timed out leaves DeepSpeed's /dev/shm buffers behind
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")

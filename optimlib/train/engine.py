@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimlib.distributed.layout import to_local
+from optimlib.distributed.teardown import leave_process_group
 from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes
 from optimlib.train.config import ConfigError, RunConfig
 
@@ -241,9 +242,7 @@ class Engine:
     def close(self) -> None:
         """Leave the process group together: a rank that exits while its peers still talk to it
         aborts in gloo's destructor ("terminate called without an active exception")."""
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        leave_process_group()
 
 
 class SingleEngine(Engine):

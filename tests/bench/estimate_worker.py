@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from optimlib.distributed.teardown import exit_process, leave_process_group
+
 MODEL = "llama_tiny"
 SEQ, MICRO = 16, 2
 
@@ -97,10 +99,10 @@ def main(engine: str, path: str, names: list[str]) -> None:
     if dist.get_rank() == 0:
         with open(path, "w") as fh:
             json.dump(results, fh)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     main(argv[0], argv[1], argv[2:])
+    exit_process(0)

@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from optimlib.distributed.teardown import exit_process, leave_process_group
+
 STEPS = 8
 GLOBAL_BATCH = 64
 BASE = dict(lr=1e-2, weight_decay=1e-2, rank=8, update_proj_gap=3, scale=0.5)
@@ -228,12 +230,11 @@ def main(engine: str, out: str, names=None) -> dict:
     results = {name: run(engine, name, out) for name in names}
     if engine == "single" or dist.get_rank() == 0:
         torch.save(results, out)
-    if engine != "single":
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()
     return results
 
 
 if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     main(argv[0], argv[1], tuple(argv[2:]))
+    exit_process(0)

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from optimlib.distributed import FlatSlice, RowBlock
+from optimlib.distributed.teardown import exit_process, leave_process_group
 
 
 def layouts(numel: int, world: int):
@@ -43,8 +44,9 @@ def main():
             assert owned.item() == m
             checked += 1
     print(f"rank {rank}: {checked} layouts ok", flush=True)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)
