@@ -14,6 +14,14 @@ What is saved: the model, the optimizer (its state is tensors only, so single-pr
 with ``torch.load(weights_only=True)``), the step — which is also the data position and the
 LR-schedule position, because batches and the schedule are pure functions of the step — and
 the RNG state.
+
+Engines: a checkpoint resumes natively (exactly) under the engine and world size that wrote it.
+A single-process checkpoint also resumes under FSDP2 and an FSDP2 one under one process or
+another number of FSDP2 ranks: the manifest names the writer and :mod:`optimlib.train.convert`
+converts at load time (``python -m optimlib.train.convert SRC DST`` writes any of them as a
+single-engine checkpoint).  DeepSpeed checkpoints resume under DeepSpeed on the same world size;
+their files load with ``torch.load(weights_only=True)`` once :func:`deepspeed_safe_globals` are
+allow-listed.
 """
 
 from __future__ import annotations
@@ -100,6 +108,29 @@ def read_manifest(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
+def _seal(tmp: Path, final: Path, step: int, engine_name: str, world_size: int) -> None:
+    """fsync the files in ``tmp``, write their manifest, rename ``tmp`` to ``final`` (one process)."""
+    try:
+        _fsync_tree(tmp)
+        paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        names = [str(p.relative_to(tmp)) for p in paths]
+        manifest = {"step": step, "engine": engine_name, "world_size": world_size,
+                    "files": {n: p.stat().st_size for n, p in zip(names, paths)},
+                    "sha256": {n: _sha256(p) for n, p in zip(names, paths)}}
+        with open(tmp / MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(final.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write the checkpoint of step {step} under '{final.parent}' "
+                              f"({exc.strerror or exc}); the earlier checkpoints there are intact") from exc
+
+
 def save(engine, root: Path, step: int, meta: dict) -> Path:
     """Write a checkpoint of ``engine`` at ``step`` atomically; every rank must call it."""
     root = Path(root)
@@ -123,25 +154,7 @@ def save(engine, root: Path, step: int, meta: dict) -> Path:
         raise CheckpointError(f"could not write the checkpoint of step {step} under '{root}' ({reason}); "
                               f"the earlier checkpoints there are intact") from failed
     if engine.rank == 0:
-        try:
-            _fsync_tree(tmp)
-            paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
-            names = [str(p.relative_to(tmp)) for p in paths]
-            manifest = {"step": step, "engine": engine.name, "world_size": engine.world_size,
-                        "files": {n: p.stat().st_size for n, p in zip(names, paths)},
-                        "sha256": {n: _sha256(p) for n, p in zip(names, paths)}}
-            with open(tmp / MANIFEST, "w") as fh:
-                json.dump(manifest, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_path(root)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not write the checkpoint of step {step} under '{root}' "
-                                  f"({exc.strerror or exc}); the earlier checkpoints there are intact") from exc
+        _seal(tmp, final, step, engine.name, engine.world_size)
     engine.barrier()
     return final
 
@@ -155,19 +168,45 @@ def prune(root: Path, keep: int) -> None:
 
 
 def load(engine, path: Path) -> dict:
-    """Restore ``engine`` from the checkpoint at ``path``; returns its metadata."""
+    """Restore ``engine`` from the checkpoint at ``path``; returns its metadata.
+
+    A checkpoint of the same engine on the same world size loads natively (exactly).  A single or
+    FSDP2 checkpoint loads into the other of the two, or into FSDP2 on another world size, through
+    :mod:`optimlib.train.convert`."""
     path = Path(path)
     if not _manifest_ok(path):
         raise FileNotFoundError(f"'{path}' is not a complete optimlib checkpoint (missing or mismatched {MANIFEST})")
     manifest = read_manifest(path)
-    if manifest["engine"] != engine.name or manifest["world_size"] != engine.world_size:
+    if manifest["engine"] == engine.name and manifest["world_size"] == engine.world_size:
+        return _LOADERS[engine.name](engine, path)
+    from optimlib.train import convert
+
+    if manifest["engine"] not in convert.CONVERTIBLE or engine.name not in convert.CONVERTIBLE:
         raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']} on "
                          f"{manifest['world_size']} rank(s); this run is engine={engine.name} on "
-                         f"{engine.world_size} rank(s)")
-    return _LOADERS[engine.name](engine, path)
+                         f"{engine.world_size} rank(s). Checkpoints convert between engines "
+                         f"{' and '.join(convert.CONVERTIBLE)} (any world size); DeepSpeed's resume only "
+                         f"under DeepSpeed on the same world size")
+    return convert.load_converted(engine, path, manifest)
 
 
 # ------------------------------------------------------------------ single process
+def write_single(final: Path, state: dict) -> Path:
+    """Write ``state`` (``{"model", "optimizer", "meta", "rng"}``) as the single-engine checkpoint
+    directory ``final`` (atomic, with its manifest); used by the converter's command line."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        torch.save(state, tmp / "state.pt")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write '{final}' ({exc.strerror or exc})") from exc
+    _seal(tmp, final, int(state["meta"]["step"]), "single", 1)
+    return final
+
+
 def _save_single(engine, tmp: Path, meta: dict) -> None:
     state = {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(),
              "meta": meta, "rng": torch.get_rng_state()}
@@ -211,6 +250,23 @@ def _load_fsdp2(engine, path: Path) -> dict:
 def _save_deepspeed(engine, tmp: Path, meta: dict) -> None:
     engine.model.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"optimlib_meta": meta},
                                  save_latest=False)
+
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its ZeRO optimizer files pickle (besides tensors and builtins).
+
+    DeepSpeed writes ``zero_pp_rank_*_optim_states.pt`` itself, with its ``LossScaler``, the
+    ``ZeroStageEnum`` and ``fragment_address`` tuples inside; its ``mp_rank_*_model_states.pt``
+    needs nothing extra.  Load them without arbitrary unpickling by allow-listing these::
+
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            torch.load(path, weights_only=True)
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def _load_deepspeed(engine, path: Path) -> dict:
