@@ -26,8 +26,10 @@ the step is two passes (the decision is global, and nothing can be written befor
 Traffic per element: 4 + 3 (+1) tensor reads and 3 writes, against the eager path's ~20 (perturb
 materialised, projected copy, norms, two weight passes).
 
-Relation to the eager optimizer: the moments, ``u``, the decision (up to the rounding of the
-cosines at the threshold) and the un-projected update are bit-identical on the reference path;
+:class:`optimlib.AdamP` (and GaLore's dense ``inner="adamp"`` rule) step with these ops.
+Relation to the ``adamp`` package's eager AdamP 0.3.0 (the test oracle): the moments, ``u``, the
+decision (up to the rounding of the cosines at the threshold) and the un-projected update are
+bit-identical on the reference path;
 a fired projection is computed as ``u - w * (<w,u> / (|w| + eps)^2)`` instead of AdamP's
 ``u - unit <unit, u>`` with ``unit = w / (|w| + eps)``, the same number up to rounding (~1e-7
 relative).  The kernel and the twin agree to rounding.

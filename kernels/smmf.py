@@ -28,8 +28,9 @@ rows and walks their ``L n`` columns in tiles, accumulating row sums per matrix 
 and writing one partial column-sum row per program (summed on the host side of the op: no
 atomics, deterministic).
 
-Reference twin: the eager lines of :func:`optimlib.optim.smmf.smmf_direction` and
-``smmf_compress_`` (bit-identical); the kernel agrees to rounding (sums in another order).
+Reference twin: :func:`smmf_update_reference`, built from :func:`smmf_decompress` and
+:func:`smmf_factor_sums_`, which :mod:`optimlib.optim.smmf` also uses for its refresh-time
+(de)compression -- one implementation; the kernel agrees to rounding (sums in another order).
 """
 
 from typing import Optional
@@ -39,30 +40,31 @@ import torch
 from optimlib.kernels._dispatch import cdiv, index_dtype, jit, launch, next_pow2, resolve_backend, tl, use_triton
 from optimlib.optim.bitpack import pack_bits, unpack_bits
 
-__all__ = ["smmf_update_", "smmf_update_reference"]
+__all__ = ["smmf_update_", "smmf_update_reference", "smmf_decompress", "smmf_factor_sums_"]
 
 
-def smmf_update_reference(grad: torch.Tensor, exp_avg_sq_row: torch.Tensor, exp_avg_sq_col: torch.Tensor,
-                          exp_avg_row: torch.Tensor | None, exp_avg_col: torch.Tensor | None,
-                          exp_avg_sign: torch.Tensor | None, *, beta1: float, beta2: float, eps: float,
-                          pad_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SMMF's eager step up to the column normalisation (see the module docstring)."""
-    R, n = grad.shape
-    g = grad.float()
-    momentum = exp_avg_row is not None
+def smmf_decompress(num_rows: int, num_cols: int, *, exp_avg_sq_row: torch.Tensor, exp_avg_sq_col: torch.Tensor,
+                    exp_avg_row: torch.Tensor | None = None, exp_avg_col: torch.Tensor | None = None,
+                    exp_avg_sign: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The dense float32 ``(M_hat, V_hat)`` of ``num_rows`` owned rows from their factors:
+    ``M_hat = S (.) (r_M c_M^T)``, ``V_hat = r_V c_V^T`` (``M_hat`` is ``None`` without a first moment)."""
     v = torch.outer(exp_avg_sq_row, exp_avg_sq_col)
-    if momentum:
-        m = torch.outer(exp_avg_row, exp_avg_col)
-        m.mul_(torch.where(unpack_bits(exp_avg_sign, R * n).view(R, n), 1.0, -1.0))
-    padded = pad_from < R * n
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if padded:
-        v.view(-1)[pad_from:] = 0
+    if exp_avg_sign is None:
+        return None, v
+    m = torch.outer(exp_avg_row, exp_avg_col)
+    signs = unpack_bits(exp_avg_sign, num_rows * num_cols).view(num_rows, num_cols)
+    m.mul_(torch.where(signs, 1.0, -1.0))
+    return m, v
+
+
+def smmf_factor_sums_(m: torch.Tensor | None, v: torch.Tensor, *, exp_avg_sq_row: torch.Tensor,
+                      exp_avg_row: torch.Tensor | None = None, exp_avg_sign: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Write the sign bits of dense ``(R, n)`` rows of ``M`` and the row sums ``|M| 1``, ``V 1`` in
+    place; return the partial column sums ``[|M|^T 1, V^T 1]`` (``(2, n)``; ``(1, n)`` without
+    ``M``), which the caller all-reduces and normalises into the column factors."""
     parts = []
-    if momentum:
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        if padded:
-            m.view(-1)[pad_from:] = 0
+    if m is not None:
         pack_bits(m > 0, out=exp_avg_sign)
         abs_m = m.abs()
         exp_avg_row.copy_(abs_m.sum(dim=1))
@@ -70,7 +72,29 @@ def smmf_update_reference(grad: torch.Tensor, exp_avg_sq_row: torch.Tensor, exp_
         del abs_m
     exp_avg_sq_row.copy_(v.sum(dim=1))
     parts.append(v.sum(dim=0))
-    col_sums = torch.stack(parts)
+    return torch.stack(parts)
+
+
+def smmf_update_reference(grad: torch.Tensor, exp_avg_sq_row: torch.Tensor, exp_avg_sq_col: torch.Tensor,
+                          exp_avg_row: torch.Tensor | None, exp_avg_col: torch.Tensor | None,
+                          exp_avg_sign: torch.Tensor | None, *, beta1: float, beta2: float, eps: float,
+                          pad_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SMMF's step up to the column normalisation, in plain PyTorch (see the module docstring)."""
+    R, n = grad.shape
+    g = grad.float()
+    momentum = exp_avg_row is not None
+    m, v = smmf_decompress(R, n, exp_avg_sq_row=exp_avg_sq_row, exp_avg_sq_col=exp_avg_sq_col,
+                           exp_avg_row=exp_avg_row, exp_avg_col=exp_avg_col, exp_avg_sign=exp_avg_sign)
+    padded = pad_from < R * n
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if padded:
+        v.view(-1)[pad_from:] = 0
+    if momentum:
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        if padded:
+            m.view(-1)[pad_from:] = 0
+    col_sums = smmf_factor_sums_(m, v, exp_avg_sq_row=exp_avg_sq_row, exp_avg_row=exp_avg_row,
+                                 exp_avg_sign=exp_avg_sign)
     denom = v.sqrt_().add_(eps)
     direction = m.div_(denom) if momentum else torch.div(g, denom, out=denom)
     return direction, col_sums

@@ -5,6 +5,8 @@ Validation (issue #9): every optimizer checks its hyper-parameters at constructi
 (negative, non-finite, unknown name), the message naming the argument and what it accepts::
 
     invalid lr=inf: accepted range is a finite number >= 0
+
+and, at every step, that no parameter changed shape under its state (:func:`check_param_shape`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import math
 from typing import Iterable, Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from optimlib.distributed.row_block import RowBlock
 
 __all__ = ["check_real", "check_betas", "check_int", "check_choice", "check_bool", "fail",
-           "load_state_dict_keeping_dtypes"]
+           "load_state_dict_keeping_dtypes", "check_param_shape", "write_rows_"]
 
 
 def fail(name: str, value, accepted: str, kind: type = ValueError):
@@ -115,3 +120,50 @@ def load_state_dict_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict:
             now = current.get(key)
             if isinstance(saved, torch.Tensor) and isinstance(now, torch.Tensor) and now.dtype != saved.dtype:
                 current[key] = saved.to(device=now.device)
+
+
+# ----------------------------------------------------------------------------- steps
+_SHAPES = "_optimlib_param_shapes"
+
+
+def check_param_shape(optimizer: torch.optim.Optimizer, group_index: int, param_index: int,
+                      param: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``param`` no longer has the shape its optimizer state was made for.
+
+    Every optimlib optimizer calls this for each parameter it steps, before touching the state.
+    The shape is recorded the first time the parameter is stepped with empty state (when the state
+    is created) and compared on every later step; replacing a parameter's ``.data`` by a tensor of
+    another shape (model surgery, a resized embedding) would otherwise fail deep inside a matmul
+    or a broadcast, or silently step a reshaped view.  Deleting the parameter's state
+    (``del optimizer.state[param]``) re-arms it with the new shape.  The record lives on the
+    optimizer object, not in its ``state_dict``.
+    """
+    shapes = optimizer.__dict__.get(_SHAPES)
+    if shapes is None:  # keyed by the tensor itself, weakly: a freed parameter's id can be reused
+        shapes = optimizer.__dict__[_SHAPES] = WeakIdKeyDictionary()
+    shape = tuple(param.shape)
+    if not optimizer.state.get(param):
+        shapes[param] = shape
+        return
+    old = shapes.setdefault(param, shape)
+    if old != shape:
+        group = optimizer.param_groups[group_index]
+        names = group.get("names")
+        label = f" ({names[param_index]})" if names is not None and param_index < len(names) else ""
+        raise ValueError(
+            f"{type(optimizer).__name__}: param group {group_index}, parameter {param_index}{label} changed shape "
+            f"from {old} to {shape} since its optimizer state was created; the state "
+            f"({', '.join(sorted(optimizer.state[param]))}) no longer fits it.  Re-create the optimizer for the "
+            f"new parameters, or remap optimizer.state[param] to the new shape (deleting it restarts that "
+            f"parameter's state; a 'shapes' entry of its param group must then be updated too).")
+
+
+def write_rows_(local: torch.Tensor, rows: torch.Tensor, block: RowBlock) -> None:
+    """Write owned ``rows`` computed on a copy (:meth:`RowBlock.rows` of a non-contiguous tensor or
+    of a DeepSpeed slice that starts mid-row) back into the rank's local piece ``local``; padding
+    past the parameter's end (DeepSpeed aligns partitions) is left as it is."""
+    piece = block.to_local(rows)
+    if piece.numel() == local.numel():
+        local.copy_(piece.view(local.shape))
+    else:
+        local.view(-1)[: piece.numel()].copy_(piece)

@@ -41,7 +41,10 @@ from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
-from optimlib.optim._common import check_betas, check_real
+from optimlib.kernels._dispatch import as_2d
+from optimlib.kernels.adam import adam_lowrank_update_
+from optimlib.kernels.adamp import adamp_apply_, adamp_coefficients, adamp_stats_
+from optimlib.optim._common import check_betas, check_param_shape, check_real, write_rows_
 
 __all__ = ["AdamP", "SGDP", "adamp", "adamp_direction", "adamp_param_", "sgdp", "scale_invariant_projection",
            "channel_view_shape"]
@@ -134,35 +137,60 @@ def adamp_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch
 
     Returns ``(perturb, step_size)``: ``perturb = m / (sqrt(v) / sqrt(1 - beta2^t) + eps)`` (Nesterov:
     ``(beta1 m + (1 - beta1) g) / ...``) and ``step_size = lr / (1 - beta1^t)``, exactly as
-    ``adamp.AdamP`` 0.3.0.  Element-wise, so it runs on any layout (a local piece, or GaLore's
-    low-rank projected gradient).
+    ``adamp.AdamP`` 0.3.0.  Element-wise, so it runs on any layout of one shape (a local piece, or
+    GaLore's low-rank projected gradient).  The op :func:`optimlib.kernels.adam_lowrank_update_`
+    with AdamP's bias corrections.
     """
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    # sqrt(v) + eps first, then divide (rsqrt(v) + eps gave NaNs in a port of AdamP).
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    if nesterov:
-        perturb = (beta1 * exp_avg + (1 - beta1) * grad) / denom
-    else:
-        perturb = exp_avg / denom
-    return perturb, lr / bias_correction1
+    perturb = adam_lowrank_update_(exp_avg, exp_avg_sq, grad, beta1=beta1, beta2=beta2, eps=eps,
+                                   bias_correction2_sqrt=math.sqrt(1 - beta2 ** step), nesterov=nesterov)
+    return perturb, lr / (1 - beta1 ** step)
+
+
+def _combine_over(block: RowBlock):
+    """``combine`` of :func:`optimlib.kernels.adamp_coefficients` for a row-sharded parameter:
+    the global channel-cosine maximum and the global sums of the four per-row statistics (one
+    ``all_gather`` of five numbers per rank, combined in rank order so every rank decides alike)."""
+    def combine(chan_max: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mx, total = _gather_stats(torch.cat([chan_max.reshape(1), sums]).double(), block)
+        return torch.tensor(mx, dtype=torch.float64, device=sums.device), total
+    return combine
 
 
 def adamp_param_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  step: int, shape: Sequence[int], piece: FlatSlice, *, beta1: float, beta2: float, lr: float,
                  weight_decay: float, eps: float, delta: float, wd_ratio: float, nesterov: bool) -> None:
-    """One AdamP step of one parameter's local piece, in place (``step`` already incremented)."""
-    perturb, step_size = adamp_direction(exp_avg, exp_avg_sq, grad, step, lr=lr, beta1=beta1, beta2=beta2,
-                                         eps=eps, nesterov=nesterov)
-    wd = 1.0
-    if len(shape) > 1 and piece.numel:
-        perturb, wd, _ = _project_local(grad, param, perturb, shape, piece, delta=delta,
-                                        wd_ratio=wd_ratio, eps=eps)
-    if weight_decay > 0:
-        param.mul_(1 - lr * weight_decay * wd)
-    param.add_(perturb, alpha=-step_size)
+    """One AdamP step of one parameter's local piece, in place (``step`` already incremented).
+
+    The step is the fused ops of :mod:`optimlib.kernels.adamp` (Triton on CUDA, their PyTorch twins
+    elsewhere): :func:`~optimlib.kernels.adamp_stats_` on the owned rows of the channel view,
+    :func:`~optimlib.kernels.adamp_coefficients` (with one 5-number all-gather between when the
+    rows are sharded), :func:`~optimlib.kernels.adamp_apply_`.  0-/1-D parameters (no projection)
+    are element-wise and step their local piece as it is.
+    """
+    if math.prod(shape) == 0:
+        return
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step, nesterov=nesterov)
+    if len(shape) <= 1:
+        w, g, m, v = (as_2d(t) for t in (param, grad, exp_avg, exp_avg_sq))
+        stats = adamp_stats_(m, v, g, w, beta1=beta1, beta2=beta2, eps=eps, step=step, nesterov=nesterov)
+        coef, decay = adamp_coefficients(stats, num_rows=1, num_cols=w.shape[1], lr=lr, weight_decay=weight_decay,
+                                         delta=delta, wd_ratio=wd_ratio, eps=eps, project=False)
+        adamp_apply_(w, m, v, g, coef, decay, **hyper)
+        return
+    block = RowBlock(channel_view_shape(shape), piece)
+    locals_ = (param, grad, exp_avg, exp_avg_sq)
+    # Owned rows: views of the local tensors when the pieces are row-aligned and contiguous
+    # (one process, FSDP2), else copies (DeepSpeed slices that start mid-row, channels-last).
+    through = block.aligned and all(t.is_contiguous() for t in locals_)
+    w, g, m, v = block.rows_many(list(locals_))
+    stats = adamp_stats_(m, v, g, w, beta1=beta1, beta2=beta2, eps=eps, step=step, nesterov=nesterov)
+    coef, decay = adamp_coefficients(stats, num_rows=block.shape[0], num_cols=block.shape[1], lr=lr,
+                                     weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, eps=eps,
+                                     combine=_combine_over(block) if block.distributed else None)
+    adamp_apply_(w, m, v, g, coef, decay, **hyper)
+    if not through:
+        for local, rows in ((param, w), (exp_avg, m), (exp_avg_sq, v)):
+            write_rows_(local, rows, block)
 
 
 def adamp(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -303,13 +331,14 @@ class AdamP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "s", "shape", "piece")}
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamP does not support sparse gradients")
+                check_param_shape(self, gi, i, p)
                 shape, local, piece = _placed(group, i, p)
                 state = self.state[p]
                 if not state:
@@ -374,7 +403,7 @@ class SGDP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             momentum = group["momentum"]
             lists: dict[str, list] = {k: [] for k in ("p", "g", "b", "s", "shape", "piece")}
             for i, p in enumerate(group["params"]):
@@ -382,6 +411,7 @@ class SGDP(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SGDP does not support sparse gradients")
+                check_param_shape(self, gi, i, p)
                 shape, local, piece = _placed(group, i, p)
                 state = self.state[p]
                 if "step" not in state:

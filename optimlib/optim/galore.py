@@ -30,7 +30,7 @@ gradient ``R`` (and, on the full gradient, for the parameters outside the low-ra
     the update above, bit for bit galore-torch's.
 ``adamp``
     AdamP (Heo et al., ICLR 2021, arXiv:2006.08217; :mod:`optimlib.optim.adamp`).  Its Adam part
-    runs on the low-rank moments (:func:`optimlib.optim.adamp.adamp_direction`: AdamP's bias
+    runs on the low-rank moments (:func:`optimlib.kernels.adam_lowrank_update_` with AdamP's bias
     correction ``N = M / (sqrt(V) / sqrt(1 - b2^t) + eps)``, Nesterov optional).  Its
     scale-invariance test and radial projection need the weight, which has no low-rank
     counterpart, so they act on the **back-projected full-size update** ``U = scale * up(N)``:
@@ -63,6 +63,16 @@ restarts SMMF's schedules (``b2_1 = 0``: the next ``V`` is the squared projected
 
 With the identity as basis and ``scale=1`` the projected space is the full space and
 ``inner="adamp"`` / ``"smmf"`` reduce to AdamP / SMMF bit for bit (tests/optim/test_galore_inner.py).
+
+Kernels (issue #7): the step runs on the custom ops of :mod:`optimlib.kernels` -- the Adam moment
+update on the projected gradient (``adam_lowrank_update_``; ``adam8bit_lowrank_update_`` for 8-bit
+moments), SMMF's step (``smmf_update_``) and the back-projection fused with the weight update and
+decay (``galore_backproject_update_``; AdamP's rule projects the back-projected update first, so it
+back-projects with a matmul) -- Triton kernels on CUDA tensors, their PyTorch twins elsewhere, so
+CPU and GPU run the same code above the op boundary (``OPTIMLIB_KERNELS`` forces either).  The
+parameters outside the low-rank groups take galore-torch's AdamW as ``torch._foreach_*``
+multi-tensor ops over the group.  Between basis refreshes ``step()`` compiles under
+``torch.compile(fullgraph=True)`` (tests/optim/test_optimizer_compile.py).
 
 Low-rank group keys (galore-torch's, with its defaults where it has them): ``rank`` (int or
 ``"auto"``), ``update_proj_gap`` (T, 200), ``scale`` (0.25), ``proj_type`` (``std``,
@@ -131,8 +141,11 @@ from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
-from optimlib.optim._common import check_betas, check_choice, check_real, load_state_dict_keeping_dtypes
-from optimlib.optim.adamp import adamp_direction, adamp_param_, scale_invariant_projection
+from optimlib.kernels.adam import adam8bit_lowrank_update_, adam_lowrank_update_
+from optimlib.kernels.galore import galore_backproject_update_
+from optimlib.optim._common import (check_betas, check_choice, check_param_shape, check_real,
+                                    load_state_dict_keeping_dtypes, write_rows_)
+from optimlib.optim.adamp import adamp_param_, scale_invariant_projection
 from optimlib.optim.projection import ProjectionConfig, Projector, matrix_shape, name_seed
 from optimlib.optim.quantize import dequantize_blockwise, hash_uniform, quantize_blockwise
 from optimlib.optim.smmf import SMMFLayout, smmf_betas, smmf_param_, validate_smmf_hyperparameters
@@ -172,16 +185,40 @@ def _step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: b
     return step_size
 
 
-def galore_adamw_dense_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                        exp_avg_sq: torch.Tensor, step: int, *, lr: float, beta1: float, beta2: float,
-                        eps: float, weight_decay: float, correct_bias: bool) -> None:
-    """galore-torch's AdamW on a local piece, in place (``step`` already incremented)."""
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt().add_(eps)
-    param.add_(exp_avg / denom, alpha=-_step_size(lr, beta1, beta2, step, correct_bias))
+def galore_adamw_dense_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                        exp_avg_sqs: list[torch.Tensor], steps: list[int], *, lr: float, beta1: float,
+                        beta2: float, eps: float, weight_decay: float, correct_bias: bool) -> None:
+    """galore-torch's AdamW on lists of local pieces, in place (``steps``: each one's step, already
+    incremented)::
+
+        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        w <- w - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps);  w <- w - lr wd w
+
+    The element-wise passes run as ``torch._foreach_*`` multi-tensor ops (one launch per pass for
+    all the tensors on CUDA, one C++ loop on CPU), each pass the same kernel as galore-torch's
+    per-tensor line, so the result is galore-torch's to the bit; ``sqrt(v) + eps`` and the
+    direction share one temporary per tensor.
+    """
+    if not params:
+        return
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    directions = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(directions, eps)
+    for m, d in zip(exp_avgs, directions):
+        torch.div(m, d, out=d)
+    by_step: dict[int, tuple[list, list]] = {}      # one multi-tensor add per distinct step count
+    for p, d, step in zip(params, directions, steps):
+        ps, ds = by_step.setdefault(step, ([], []))
+        ps.append(p)
+        ds.append(d)
+    for step, (ps, ds) in by_step.items():
+        torch._foreach_add_(ps, ds, alpha=-_step_size(lr, beta1, beta2, step, correct_bias))
+    del directions, by_step
     if weight_decay > 0.0:
-        param.add_(param, alpha=-lr * weight_decay)
+        torch._foreach_add_(params, params, alpha=-lr * weight_decay)
 
 
 class _Moments:
@@ -234,8 +271,17 @@ class _Moments:
                                     signed=False, block=self.block, dtype=self.dtype)
         return self._to_kr(m).contiguous(), self._to_kr(root * root).contiguous()
 
+    def _noise(self) -> tuple[int, int, int, int] | None:
+        """Stochastic rounding's ``(seed, step_m, step_v, first kept row)``: counter-based, so the
+        codes do not depend on the sharding; ``None`` for round-to-nearest."""
+        if not self.group["stochastic_rounding"]:
+            return None
+        s = self.state
+        step = int(s["step"]) + 7919 * int(s["refreshes"])
+        return int(s["seed"]), 2 * step, 2 * step + 1, self.proj.kept[0]
+
     def write(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, fresh: bool = False) -> None:
-        """Store the moments (a no-op for plain moments updated in place unless ``fresh``)."""
+        """Store new moments (a no-op for plain moments already stored, unless ``fresh``)."""
         s = self.state
         if not self.quantized:
             if fresh or "exp_avg" not in s:
@@ -244,21 +290,33 @@ class _Moments:
             return
         exp_avg, exp_avg_sq = self._to_kr(exp_avg), self._to_kr(exp_avg_sq)
         noise_m = noise_v = None
-        if self.group["stochastic_rounding"]:
+        noise = self._noise()
+        if noise is not None:
+            seed, step_m, step_v, offset = noise
             shape = tuple(exp_avg.shape)
-            offset, step, seed = self.proj.kept[0], int(s["step"]) + 7919 * int(s["refreshes"]), int(s["seed"])
-            noise_m = hash_uniform(shape, offset, seed=seed, step=2 * step, device=self.device)
-            noise_v = hash_uniform(shape, offset, seed=seed, step=2 * step + 1, device=self.device)
+            noise_m = hash_uniform(shape, offset, seed=seed, step=step_m, device=self.device)
+            noise_v = hash_uniform(shape, offset, seed=seed, step=step_v, device=self.device)
         cm, am = quantize_blockwise(exp_avg, signed=True, block=self.block, noise=noise_m)
         cv, av = quantize_blockwise(exp_avg_sq.sqrt(), signed=False, block=self.block, noise=noise_v)
-        if "exp_avg_codes" in s and not fresh and to_local(s["exp_avg_codes"]).shape == cm.shape:
-            to_local(s["exp_avg_codes"]).copy_(cm)
-            to_local(s["exp_avg_absmax"]).copy_(am)
-            to_local(s["exp_avg_sq_codes"]).copy_(cv)
-            to_local(s["exp_avg_sq_absmax"]).copy_(av)
-        else:
-            s["exp_avg_codes"], s["exp_avg_absmax"] = self._wrap(cm), self._wrap(am)
-            s["exp_avg_sq_codes"], s["exp_avg_sq_absmax"] = self._wrap(cv), self._wrap(av)
+        s["exp_avg_codes"], s["exp_avg_absmax"] = self._wrap(cm), self._wrap(am)
+        s["exp_avg_sq_codes"], s["exp_avg_sq_absmax"] = self._wrap(cv), self._wrap(av)
+
+    def update(self, low: torch.Tensor, *, beta1: float, beta2: float, eps: float,
+               bias_correction2_sqrt: float = 1.0, nesterov: bool = False) -> torch.Tensor:
+        """The Adam moment update with the projected gradient ``low``, in place on the stored
+        moments; returns the direction ``m~ / (sqrt(v) / bias_correction2_sqrt + eps)`` in the
+        projector's layout, in the moments' dtype (the ops of :mod:`optimlib.kernels.adam`; 8-bit
+        moments are dequantized, updated and requantized in the same pass)."""
+        s = self.state
+        hyper = dict(beta1=beta1, beta2=beta2, eps=eps, bias_correction2_sqrt=bias_correction2_sqrt,
+                     nesterov=nesterov)
+        if not self.quantized:
+            return adam_lowrank_update_(to_local(s["exp_avg"]), to_local(s["exp_avg_sq"]), low, **hyper)
+        direction = adam8bit_lowrank_update_(
+            to_local(s["exp_avg_codes"]), to_local(s["exp_avg_absmax"]), to_local(s["exp_avg_sq_codes"]),
+            to_local(s["exp_avg_sq_absmax"]), self._to_kr(low.to(self.dtype)), block=self.block, noise=self._noise(),
+            **hyper)
+        return self._to_kr(direction)
 
     def zeros(self, rank: int) -> torch.Tensor:
         return torch.zeros(self.proj.low_shape(rank), dtype=self.dtype, device=self.device)
@@ -320,9 +378,10 @@ class _SMMFMoments:
         rank = exp_avg.shape[self.proj.rank_dim]
         self.layout(rank).write(self.state, self._flat(exp_avg), self._flat(exp_avg_sq), self.param)
 
-    def step(self, low: torch.Tensor, *, beta1: float, beta2: float, eps: float) -> torch.Tensor:
-        """SMMF's moment update with the projected gradient ``low``; returns ``M / (sqrt(V) + eps)``
-        in the projector's layout (float32)."""
+    def update(self, low: torch.Tensor, *, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+        """SMMF's moment update with the projected gradient ``low`` (the op
+        :func:`optimlib.kernels.smmf_update_`); returns ``M / (sqrt(V) + eps)`` in the projector's
+        layout (float32)."""
         rank = low.shape[self.proj.rank_dim]
         update = self.layout(rank).update(self._flat(low), self.state, beta1=beta1, beta2=beta2, eps=eps)
         return self._unflat(update, rank)
@@ -380,37 +439,35 @@ def galore_lowrank_(param: torch.Tensor, grad: torch.Tensor, state: dict, projec
     state["moment_step"] = t = int(state.get("moment_step", 0)) + 1
     if inner == "smmf":
         b1, b2 = smmf_betas(t, beta1, decay_rate, growth_rate)
-        direction = moments.step(low, beta1=b1, beta2=b2, eps=eps)
+        direction = moments.update(low, beta1=b1, beta2=b2, eps=eps)
         step_size = lr
+    elif inner == "adamp":
+        direction = moments.update(low, beta1=beta1, beta2=beta2, eps=eps,
+                                   bias_correction2_sqrt=math.sqrt(1 - beta2 ** t), nesterov=nesterov)
+        step_size = lr / (1 - beta1 ** t)
     else:
-        exp_avg, exp_avg_sq = moments.read()
-        low = low.to(exp_avg.dtype)
-        if inner == "adamp":
-            direction, step_size = adamp_direction(exp_avg, exp_avg_sq, low, t, lr=lr, beta1=beta1, beta2=beta2,
-                                                   eps=eps, nesterov=nesterov)
-        else:
-            exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-            denom = exp_avg_sq.sqrt().add_(eps)
-            step_size = _step_size(lr, beta1, beta2, t, correct_bias)
-            direction = exp_avg / denom
-        moments.write(exp_avg, exp_avg_sq)
-    update = projector.up(state, direction.to(grad.dtype)) * scale  # (R, n)
-    if inner == "adamw":
-        param.add_(update.view_as(param) if whole else block.to_local(update, like=param), alpha=-step_size)
-        if weight_decay > 0.0:
-            param.add_(param, alpha=-lr * weight_decay)
-        return
-    wd_factor = 1.0
+        direction = moments.update(low, beta1=beta1, beta2=beta2, eps=eps)
+        step_size = _step_size(lr, beta1, beta2, t, correct_bias)
+    a, b = projector.up_factors(state, direction.to(grad.dtype))  # up(direction) = a @ b: (R, n)
     if inner == "adamp":
         # AdamP's scale-invariance test and radial projection need the weight: they act on the
         # back-projected full-size update, against the weight and the (full) gradient rows.
+        update = torch.matmul(a, b) * scale
         param_rows = param.reshape(block.shape) if whole else block.rows(param)
         update, wd_factor, _ = scale_invariant_projection(grad_rows, param_rows, update, block, delta=delta,
                                                           wd_ratio=wd_ratio, eps=eps)
-    if weight_decay > 0.0:               # AdamP and SMMF: decoupled decay before the update
-        param.mul_(1 - lr * weight_decay * wd_factor)
-    param.add_(update.view_as(param) if whole else block.to_local(update, like=param), alpha=-step_size)
+        if weight_decay > 0.0:               # AdamP: decoupled decay before the update
+            param.mul_(1 - lr * weight_decay * wd_factor)
+        param.add_(update.view_as(param) if whole else block.to_local(update, like=param), alpha=-step_size)
+        return
+    # W <- W - step_size * scale * (a @ b) and the decoupled decay (after the update for AdamW as
+    # galore-torch, before it for SMMF), fused: optimlib.kernels.galore_backproject_update_.
+    through = block.aligned and param.is_contiguous()      # the owned rows are a view of ``param``
+    rows = block.rows(param)
+    galore_backproject_update_(rows, a, b, scale=scale, step_size=step_size, lr=lr, weight_decay=weight_decay,
+                               decay_first=inner == "smmf")
+    if not through:
+        write_rows_(param, rows, block)
 
 
 def galore_adamw_lowrank_(param: torch.Tensor, grad: torch.Tensor, state: dict, projector: Projector,
@@ -584,15 +641,21 @@ class GaLoreAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
+            dense = _DenseBatch()
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                self._step_param(group, gi, i, p, p.grad)
+                self._step_param(group, gi, i, p, p.grad, dense=dense)
+            dense.run(group)
         return loss
 
-    def _step_param(self, group: dict, gi: int, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
+    def _step_param(self, group: dict, gi: int, i: int, p: torch.Tensor, grad: torch.Tensor,
+                    dense: "_DenseBatch | None" = None) -> None:
+        """Step one parameter.  The AdamW rule on a full gradient is appended to ``dense`` (run
+        for the whole group as multi-tensor ops) when given, else run at once (layer-wise mode)."""
         if grad.is_sparse:
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        check_param_shape(self, gi, i, p)
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         shape = global_shape(p, group, i)
@@ -620,11 +683,11 @@ class GaLoreAdamW(Optimizer):
                             wd_ratio=group["wd_ratio"], nesterov=group["nesterov"],
                             decay_rate=group["decay_rate"], growth_rate=group["growth_rate"])
             return
-        self._step_dense(group, p, local, piece, shape, g, state)
+        self._step_dense(group, p, local, piece, shape, g, state, dense)
 
     @staticmethod
     def _step_dense(group: dict, p: torch.Tensor, local: torch.Tensor, piece, shape, g: torch.Tensor,
-                    state: dict) -> None:
+                    state: dict, dense: "_DenseBatch | None") -> None:
         """The inner rule on the full gradient (groups without ``rank``, 0-/1-D parameters): the
         inner optimizer's own per-parameter step (galore-torch's AdamW, AdamP, SMMF)."""
         beta1, beta2 = group["betas"]
@@ -646,8 +709,27 @@ class GaLoreAdamW(Optimizer):
                          eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
                          nesterov=group["nesterov"])
             return
-        galore_adamw_dense_(local, g, to_local(state["exp_avg"]), to_local(state["exp_avg_sq"]), state["step"],
-                            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+        batch = dense if dense is not None else _DenseBatch()
+        batch.add(local, g, to_local(state["exp_avg"]), to_local(state["exp_avg_sq"]), state["step"])
+        if dense is None:
+            batch.run(group)
+
+
+class _DenseBatch:
+    """The local pieces of one group's parameters that take galore-torch's AdamW on their full
+    gradient, collected during a step and updated together by :func:`galore_adamw_dense_`."""
+
+    def __init__(self):
+        self.lists: tuple[list, ...] = ([], [], [], [], [])
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+            step: int) -> None:
+        for lst, value in zip(self.lists, (param, grad, exp_avg, exp_avg_sq, step)):
+            lst.append(value)
+
+    def run(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        galore_adamw_dense_(*self.lists, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"], correct_bias=group["correct_bias"])
 
 

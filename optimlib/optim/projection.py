@@ -442,11 +442,18 @@ class Projector:
 
     def up(self, state: dict, low: torch.Tensor) -> torch.Tensor:
         """Back-project a low-rank tensor (layout of :meth:`down`) to this rank's ``(R, n)`` rows
-        (without ``scale``)."""
+        (without ``scale``): ``A @ B`` of :meth:`up_factors`."""
+        return torch.matmul(*self.up_factors(state, low))
+
+    def up_factors(self, state: dict, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``A @ B`` the back-projection of ``low`` to this rank's ``(R, n)`` rows:
+        ``(low, P)`` for a right projection (``(R, r) @ (r, n)``), ``(P_rows, low_all)`` for a left
+        one (this rank's rows of ``P`` and the all-gathered ``(r, n)`` low-rank tensor).  The
+        operands of :func:`optimlib.kernels.galore_backproject_update_`."""
         p = self.basis(state, dtype=low.dtype, device=low.device)
         if self.side == "right":
-            return torch.matmul(low, p)
-        return torch.matmul(p, self._gather_kept(low))        # (R, r) @ (r, n)
+            return low, p
+        return p, self._gather_kept(low)
 
     def _gather_columns(self, chunk: torch.Tensor) -> torch.Tensor:
         """The full ``(r, n)`` right basis from every rank's column block (cached per step)."""

@@ -62,8 +62,9 @@ from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock, near_square
-from optimlib.optim._common import check_choice, check_real, load_state_dict_keeping_dtypes
-from optimlib.optim.bitpack import pack_bits, packed_numel, unpack_bits
+from optimlib.optim._common import check_choice, check_param_shape, check_real, load_state_dict_keeping_dtypes
+from optimlib.kernels.smmf import smmf_decompress, smmf_factor_sums_, smmf_update_
+from optimlib.optim.bitpack import packed_numel
 
 __all__ = ["SMMF", "SMMFLayout", "smmf_direction", "smmf_decompress", "smmf_compress_", "smmf_param_",
            "smmf_matrix_shape", "smmf_betas", "init_smmf_state"]
@@ -112,18 +113,12 @@ def _normalise(col: torch.Tensor) -> torch.Tensor:
     return col / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def smmf_decompress(num_rows: int, num_cols: int, *, exp_avg_sq_row: torch.Tensor, exp_avg_sq_col: torch.Tensor,
-                    exp_avg_row: torch.Tensor | None = None, exp_avg_col: torch.Tensor | None = None,
-                    exp_avg_sign: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The dense float32 ``(M_hat, V_hat)`` of ``num_rows`` owned rows from their factors:
-    ``M_hat = S (.) (r_M c_M^T)``, ``V_hat = r_V c_V^T`` (``M_hat`` is ``None`` without a first moment)."""
-    v = torch.outer(exp_avg_sq_row, exp_avg_sq_col)
-    if exp_avg_sign is None:
-        return None, v
-    m = torch.outer(exp_avg_row, exp_avg_col)
-    signs = unpack_bits(exp_avg_sign, num_rows * num_cols).view(num_rows, num_cols)
-    m.mul_(torch.where(signs, 1.0, -1.0))
-    return m, v
+def _store_columns(col_sums: torch.Tensor, *, exp_avg_sq_col: torch.Tensor,
+                   exp_avg_col: torch.Tensor | None = None) -> None:
+    """Normalise the (all-reduced) column sums ``[|M|^T 1, V^T 1]`` into the column factors."""
+    if exp_avg_col is not None:
+        exp_avg_col.copy_(_normalise(col_sums[0]))
+    exp_avg_sq_col.copy_(_normalise(col_sums[-1]))
 
 
 def smmf_compress_(m: torch.Tensor | None, v: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: torch.Tensor,
@@ -135,23 +130,10 @@ def smmf_compress_(m: torch.Tensor | None, v: torch.Tensor, block: RowBlock, *, 
     Collective: one ``all_reduce`` of the ``2 n`` (or ``n``) partial column sums when ``block``
     spans several ranks; every rank must call it.
     """
-    n = v.shape[1]
-    parts = []
-    if m is not None:
-        pack_bits(m > 0, out=exp_avg_sign)
-        abs_m = m.abs()
-        exp_avg_row.copy_(abs_m.sum(dim=1))
-        parts.append(abs_m.sum(dim=0))
-        del abs_m
-    exp_avg_sq_row.copy_(v.sum(dim=1))
-    parts.append(v.sum(dim=0))
-    cols = torch.cat(parts) if len(parts) > 1 else parts[0]
-    block.all_reduce(cols)
-    if m is not None:
-        exp_avg_col.copy_(_normalise(cols[:n]))
-        exp_avg_sq_col.copy_(_normalise(cols[n:]))
-    else:
-        exp_avg_sq_col.copy_(_normalise(cols))
+    col_sums = smmf_factor_sums_(m, v, exp_avg_sq_row=exp_avg_sq_row, exp_avg_row=exp_avg_row,
+                                 exp_avg_sign=exp_avg_sign)
+    block.all_reduce(col_sums.view(-1))
+    _store_columns(col_sums, exp_avg_sq_col=exp_avg_sq_col, exp_avg_col=exp_avg_col)
 
 
 def smmf_direction(grad_rows: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: torch.Tensor,
@@ -169,35 +151,22 @@ def smmf_direction(grad_rows: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: 
     ``valid_numel``: elements of the flattened matrix at or beyond this index are padding; their
     moments are held at zero.
 
-    Collective: one ``all_reduce`` of ``2 n`` (or ``n``) numbers when ``block`` spans several
-    ranks; every rank must call it.  The result is float32 (callers cast to the parameter dtype).
+    The step itself is the op :func:`optimlib.kernels.smmf_update_` (Triton on CUDA, its PyTorch
+    twin elsewhere); this function adds the all-reduce of its partial column sums and their
+    normalisation.  Collective: one ``all_reduce`` of ``2 n`` (or ``n``) numbers when ``block``
+    spans several ranks; every rank must call it.  The result is float32 (callers cast to the
+    parameter dtype).
     """
     R, n = grad_rows.shape
-    g = grad_rows.float()
-    momentum = beta1 is not None
-    factors = dict(exp_avg_sq_row=exp_avg_sq_row, exp_avg_sq_col=exp_avg_sq_col)
-    if momentum:
-        factors.update(exp_avg_row=exp_avg_row, exp_avg_col=exp_avg_col, exp_avg_sign=exp_avg_sign)
     pad_from = None
     if valid_numel is not None:
-        first = valid_numel - block.row_start * n
-        if first < R * n:
-            pad_from = max(first, 0)
-
-    m, v = smmf_decompress(R, n, **factors)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if pad_from is not None:
-        v.view(-1)[pad_from:] = 0
-    if momentum:
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        if pad_from is not None:
-            m.view(-1)[pad_from:] = 0
-    smmf_compress_(m, v, block, **factors)
-
-    denom = v.sqrt_().add_(eps)
-    if momentum:
-        return m.div_(denom)
-    return torch.div(g, denom, out=denom)
+        pad_from = max(valid_numel - block.row_start * n, 0)
+    direction, col_sums = smmf_update_(grad_rows, exp_avg_sq_row=exp_avg_sq_row, exp_avg_sq_col=exp_avg_sq_col,
+                                       exp_avg_row=exp_avg_row, exp_avg_col=exp_avg_col, exp_avg_sign=exp_avg_sign,
+                                       beta1=beta1, beta2=beta2, eps=eps, pad_from=pad_from)
+    block.all_reduce(col_sums.view(-1))
+    _store_columns(col_sums, exp_avg_sq_col=exp_avg_sq_col, exp_avg_col=exp_avg_col)
+    return direction
 
 
 # ----------------------------------------------------------------------------- layout helpers
@@ -453,7 +422,7 @@ class SMMF(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             shapes = group.get("shapes")
             if shapes is not None and group["params"] and len(shapes) != len(group["params"]):
                 raise ValueError(
@@ -465,6 +434,7 @@ class SMMF(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SMMF does not support sparse gradients")
+                check_param_shape(self, gi, i, p)
                 self._step_param(p, group, i)
         return loss
 

@@ -1,11 +1,11 @@
-"""AdamP fused step (stats pass, coefficients, apply pass): kernel vs twin, twin vs optimlib AdamP."""
+"""AdamP fused step (stats pass, coefficients, apply pass): kernel vs twin, twin vs the ``adamp``
+package (optimlib.AdamP runs these ops: tests/optim/test_adamp.py checks it against the package)."""
 
+import adamp as adamp_pkg
 import pytest
 import torch
 
-from optimlib.distributed.row_block import FlatSlice
 from optimlib.kernels import adamp_coefficients, adamp_update_
-from optimlib.optim.adamp import adamp_param_
 
 HP = dict(beta1=0.9, beta2=0.999, lr=0.1, weight_decay=0.01, eps=1e-8, delta=0.1, wd_ratio=0.1)
 
@@ -55,21 +55,27 @@ def test_matches_twin(device, kind, nesterov, dtype, tol):
 @pytest.mark.parametrize("kind", ["none", "channel", "layer"])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_reference_path_against_adamp(kind, nesterov):
-    """Bit-identical to adamp_param_ when no projection fires; the projection's rounding differs
-    (u - w <w,u>/(|w|+eps)^2 instead of u - unit <unit,u>) by ~1 ulp otherwise."""
+    """One step from the same state as the ``adamp`` package's AdamP 0.3.0 (the oracle): moments
+    bit-identical; the weight bit-identical when no projection fires, and within 2e-7 otherwise
+    (the op projects as u - w <w,u>/(|w|+eps)^2 instead of u - unit <unit,u>: ~1 ulp)."""
     torch.manual_seed(1)
     R, n = 11, 19
     w, g = _case(kind, R, n, "cpu")
     m, v = torch.randn(R, n) * 0.1, torch.rand(R, n) * 0.01
     W, M, V = w.clone(), m.clone(), v.clone()
     adamp_update_(W, g, M, V, step=3, nesterov=nesterov, backend="reference", **HP)
-    W2, M2, V2 = w.clone(), m.clone(), v.clone()
-    adamp_param_(W2, g, M2, V2, 3, (R, n), FlatSlice(R * n, ((0, R * n),), 0, None), nesterov=nesterov, **HP)
-    assert torch.equal(M, M2) and torch.equal(V, V2)
+    ref = torch.nn.Parameter(w.clone())
+    opt = adamp_pkg.AdamP([ref], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
+                          weight_decay=HP["weight_decay"], delta=HP["delta"], wd_ratio=HP["wd_ratio"],
+                          nesterov=nesterov)
+    opt.state[ref].update(step=2, exp_avg=m.clone(), exp_avg_sq=v.clone())
+    ref.grad = g.clone()
+    opt.step()
+    assert torch.equal(M, opt.state[ref]["exp_avg"]) and torch.equal(V, opt.state[ref]["exp_avg_sq"])
     if kind == "none":
-        assert torch.equal(W, W2)
+        assert torch.equal(W, ref.detach())
     else:
-        torch.testing.assert_close(W, W2, rtol=2e-7, atol=2e-7)
+        torch.testing.assert_close(W, ref.detach(), rtol=2e-7, atol=2e-7)
 
 
 def test_vector_and_tiny_parameters(device, tol):

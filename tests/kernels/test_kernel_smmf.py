@@ -1,10 +1,11 @@
-"""SMMF one-pass step on factors + packed signs: kernel vs twin, twin vs optimlib.optim.smmf."""
+"""SMMF one-pass step on factors + packed signs: kernel vs twin, twin vs SMMF's equations."""
 
 import pytest
 import torch
 
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels import smmf_update_
+from optimlib.optim.bitpack import unpack_bits
 from optimlib.optim.smmf import init_smmf_state, smmf_direction
 
 
@@ -55,27 +56,37 @@ def test_bf16_gradient(device, tol):
 
 
 @pytest.mark.parametrize("momentum", [True, False])
-def test_reference_path_is_smmf_direction_bitwise(momentum):
-    """Op + the caller's column normalisation == smmf_direction on one process, bit for bit."""
+def test_reference_path_is_smmf_equations(momentum):
+    """The twin (what optimlib.SMMF and GaLore's inner="smmf" run on CPU, via smmf_direction) against
+    SMMF's equations written out in float64 (Park & Lee 2025, eqs. for decompression, update and the
+    rank-1 NNMF): direction, factors 1e-6 relative, sign bits exact, padding held at zero."""
     torch.manual_seed(2)
     R, n, valid = 9, 10, 86
     st = _state(R, n, momentum, "cpu")
-    lib = {k: v.clone() for k, v in st.items()}
-    ours = {k: v.clone() for k, v in st.items()}
+    before = {k: v.clone() for k, v in st.items()}
     g = torch.randn(R, n)
     g.view(-1)[valid:] = 0
     block = RowBlock((R, n), FlatSlice(R * n, ((0, R * n),), 0, None))
-    b1 = 0.9 if momentum else None
-    d_lib = smmf_direction(g, block, beta1=b1, beta2=0.6, eps=1e-8, valid_numel=valid, **lib)
-    d, sums = smmf_update_(g, beta1=b1, beta2=0.6, eps=1e-8, pad_from=valid, backend="reference", **ours)
-    cols = sums.view(-1)                                          # (block.all_reduce(cols) on several ranks)
-    for i, key in enumerate((["exp_avg_col"] if momentum else []) + ["exp_avg_sq_col"]):
-        part = cols[i * n:(i + 1) * n]
-        total = part.sum()
-        ours[key].copy_(part / torch.where(total > 0, total, torch.ones_like(total)))
-    assert torch.equal(d, d_lib)
-    for key in lib:
-        assert torch.equal(ours[key], lib[key]), key
+    b1, b2, eps = (0.9 if momentum else None), 0.6, 1e-8
+    d = smmf_direction(g, block, beta1=b1, beta2=b2, eps=eps, valid_numel=valid, **st)
+
+    keep = (torch.arange(R * n) < valid).view(R, n)
+    G = g.double()
+    V = b2 * torch.outer(before["exp_avg_sq_row"], before["exp_avg_sq_col"]).double() + (1 - b2) * G * G
+    V = torch.where(keep, V, 0.0)
+    want = {"exp_avg_sq_row": V.sum(1), "exp_avg_sq_col": V.sum(0) / V.sum()}
+    if momentum:
+        sign = torch.where(unpack_bits(before["exp_avg_sign"], R * n).view(R, n), 1.0, -1.0).double()
+        M = b1 * sign * torch.outer(before["exp_avg_row"], before["exp_avg_col"]).double() + (1 - b1) * G
+        M = torch.where(keep, M, 0.0)
+        want.update(exp_avg_row=M.abs().sum(1), exp_avg_col=M.abs().sum(0) / M.abs().sum())
+        assert torch.equal(unpack_bits(st["exp_avg_sign"], R * n).view(R, n), M > 0)
+        D = M / (V.sqrt() + eps)
+    else:
+        D = G / (V.sqrt() + eps)
+    torch.testing.assert_close(d.double(), D, rtol=1e-6, atol=1e-7)
+    for key, value in want.items():
+        torch.testing.assert_close(st[key].double(), value, rtol=1e-6, atol=1e-9, msg=key)
 
 
 def test_argument_errors():

@@ -137,3 +137,58 @@ def test_boundary_values_are_accepted(opt):
     if opt.startswith("galore"):
         BUILDERS[opt](rank=1, update_proj_gap=1)
         galore(rank="auto", projection="svd")
+
+
+# ----------------------------------------------------------------------------- shape changes mid-training
+OURS = [name for name in optimlib.list_optimizers() if name != "adamw"]   # "adamw" is torch.optim.AdamW
+
+
+def _where(opt, p):
+    return next((gi, i) for gi, g in enumerate(opt.param_groups) for i, q in enumerate(g["params"]) if q is p)
+
+
+def _shape_case(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    kw = {"target_modules": ["0", "1"], "rank": 2} if name.startswith("galore") else {}
+    opt = create_optimizer(model, name, lr=1e-3, **kw)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    weight = model[0].weight
+    weight.data = torch.randn(7, 6)            # e.g. model surgery that grew the layer
+    weight.grad = torch.randn(7, 6)
+    return model, opt, weight
+
+
+def test_every_registered_optimizer_but_torchs_own_is_covered():
+    assert set(OURS) == {"adamp", "sgdp", "smmf", "galore_adamw", "galore_adamp", "galore_smmf"}
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_parameter_that_changed_shape_is_a_clear_error(name):
+    """Issue #9: a parameter whose shape no longer matches its state raises ValueError naming the
+    group and parameter index, both shapes and the remedy -- before any state is touched."""
+    model, opt, weight = _shape_case(name)
+    gi, i = _where(opt, weight)
+    before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[weight].items()}
+    with pytest.raises(ValueError, match=rf"param group {gi}, parameter {i}\b.*changed shape from \(5, 6\) to "
+                                         rf"\(7, 6\).*Re-create the optimizer.*remap optimizer.state"):
+        opt.step()
+    for key, value in before.items():                          # nothing was half-updated
+        now = opt.state[weight][key]
+        assert torch.equal(now, value) if torch.is_tensor(value) else now == value, key
+    # Deleting the parameter's state is the documented way to restart it with the new shape.
+    del opt.state[weight]
+    shapes = opt.param_groups[gi].get("shapes")     # (the factory records global shapes)
+    if shapes is not None:
+        shapes[i] = (7, 6)
+    opt.step()
+    assert torch.isfinite(weight).all()
+
+
+def test_galore_layerwise_mode_checks_the_shape_too():
+    model, opt, weight = _shape_case("galore_adamw")
+    stepper = opt.layerwise()
+    with pytest.raises(ValueError, match=r"changed shape from \(5, 6\) to \(7, 6\)"):
+        stepper.step()
