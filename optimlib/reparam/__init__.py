@@ -15,7 +15,12 @@ The protocol a reparameterized layer (or parametrization) follows:
   function (parametrized linears need nothing: :func:`merge` bakes the parametrization in);
 * ``after_step(optimizer)`` — optional; called by :func:`after_step` once per optimizer step,
   after ``optimizer.step()`` (schedules, rank truncation).  State that a resumed run needs
-  (schedule position, current rank) lives in buffers, so it is part of the model's state_dict.
+  (schedule position, current rank) lives in buffers, so it is part of the model's state_dict;
+* ``replicated_parameters`` — optional class attribute: names of the layer's parameters that
+  the step hook reshapes (in place, keeping the ``Parameter`` object).  The sharded engines
+  (FSDP2, DeepSpeed ZeRO) keep those whole and identical on every rank instead of sharding them,
+  and train them with a second instance of the optimizer (:mod:`optimlib.distributed.replicated`);
+  the step hook then receives that optimizer.
 """
 
 from __future__ import annotations
@@ -93,16 +98,31 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def after_step(model: nn.Module, optimizer=None) -> None:
+def after_step(model: nn.Module, optimizer=None, replicated_optimizer=None) -> None:
     """Run every reparameterized layer's ``after_step(optimizer)``; call it after each
-    ``optimizer.step()`` (the training loop of ``launch/pretrain.py`` does)."""
+    ``optimizer.step()`` (the training loop of ``launch/pretrain.py`` does).  Layers that declare
+    ``replicated_parameters`` get ``replicated_optimizer`` when one is given (the sharded engines
+    train those parameters with it)."""
     for module in model.modules():
         hook = getattr(module, "after_step", None)
         if callable(hook):
-            hook(optimizer)
+            replicated = replicated_optimizer is not None and getattr(module, "replicated_parameters", ())
+            hook(replicated_optimizer if replicated else optimizer)
 
 
-__all__ = ["ReparamSpec", "after_step", "apply", "get_reparam_spec", "list_reparams", "merge", "register_reparam"]
+def replicated_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(qualified name, module, attribute)`` of every parameter a layer of ``model`` declares
+    replicated (``replicated_parameters`` class attribute), in module order."""
+    found = []
+    for prefix, module in model.named_modules():
+        for attr in getattr(module, "replicated_parameters", ()):
+            if isinstance(module._parameters.get(attr), nn.Parameter):
+                found.append((f"{prefix}.{attr}" if prefix else attr, module, attr))
+    return found
+
+
+__all__ = ["ReparamSpec", "after_step", "apply", "get_reparam_spec", "list_reparams", "merge", "register_reparam",
+           "replicated_parameters"]
 
 from optimlib.reparam import sltrain  # noqa: E402,F401  (registers sltrain, lowrank)
 from optimlib.reparam import nm  # noqa: E402,F401  (registers nm)

@@ -26,25 +26,34 @@ instead of the K/L-updated bases; the bases are kept orthonormal only at truncat
 
 **Memory falls with the rank**: the parameters are reallocated at the new width ``k`` (nothing
 is pre-allocated at ``max_rank``), and so is the optimizer state: new ``Parameter`` objects
-replace the old ones in the module and in ``optimizer.param_groups`` (a graph still alive from
-an earlier forward keeps referring to the old ones, harmlessly), the state moves to them, and
-each state tensor of the parameter's shape is remapped with the change of basis: first moments
+replace the old ones in the module (where the module keeps them: registered, or hidden by a
+sharded engine, see :func:`optimlib.distributed.replicated.replace_parameter`) and in
+``optimizer.param_groups`` (a graph still alive from an earlier forward keeps referring to the
+old ones, harmlessly), the state moves to them, and each state tensor of the parameter's shape
+is remapped with the change of basis: first moments
 (``exp_avg``, ``momentum_buffer``, ...) as gradients transform (``m_U ← m_U R_uᵀ P``,
 ``m_S ← Pᵀ R_u⁻ᵀ m_S R_v⁻¹ Q``, exact before truncation), second moments (``exp_avg_sq``,
 ``max_exp_avg_sq``, ``square_avg``, ``sum``) through the elementwise squares of the same maps (a
-diagonal approximation), new columns at zero.  Memory at width ``k``: ``(d_out + d_in + k) k``
-parameters (+ bias) and, for Adam, twice that in state.  A state tensor of another shape
-(a factorized or projected optimizer state) cannot be remapped: that parameter's state is
-reset, with a warning.
+diagonal approximation), new columns at zero; a param group's recorded ``shapes`` follow.  Memory
+at width ``k``: ``(d_out + d_in + k) k`` parameters (+ bias) and, for Adam, twice that in state.
+A state tensor of another shape (a factorized or projected optimizer state) cannot be remapped:
+that parameter's state is reset, with a warning.
 
 **Resume**: the current rank, the step counter and the seed of the candidate directions are
 buffers (``current_rank``, ``steps``, ``seed``) in the state dict, and loading a state dict
 resizes ``U``/``S``/``V`` to the saved width first, so a model + optimizer restored into a fresh
 model continues bit for bit.
 
-**Distributed**: rank changes change parameter shapes, which FSDP2's sharded ``DTensor``
-parameters and DeepSpeed ZeRO's flat partitions cannot follow; under those engines
-:meth:`after_step` raises a ``RuntimeError`` saying so (use the single-process engine).
+**Distributed** (FSDP2, DeepSpeed ZeRO-1/2/3): ``U``, ``S``, ``V`` are declared
+``replicated_parameters``.  Sharding them would be pointless (they are small) and cannot follow a
+rank change (FSDP2's ``DTensor`` shards and ZeRO's flat partitions are laid out once), so the
+engines keep them whole on every rank, average their gradients with one all-reduce per step and
+train them with a second instance of the run's optimizer (:mod:`optimlib.distributed.replicated`);
+the bias is sharded like any parameter.  Every rank then holds the same ``U``, ``S``, ``V`` and
+the same optimizer state, runs the same QR / SVD and takes the same rank decision, with no extra
+communication; gradient clipping uses the global norm over both kinds of parameters, so a run on
+N ranks matches one process.  A factor that *is* sharded (a ``DTensor``, or a ZeRO-3 partition)
+or missing from the optimizer handed to :meth:`after_step` is refused with a ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimlib.distributed.layout import is_dtensor
+from optimlib.distributed.replicated import replace_parameter
 from optimlib.reparam import register_reparam
 from optimlib.reparam._lowrank import check_fraction, check_int, dense_linear, layer_generator
 
@@ -102,6 +112,9 @@ class DynamicRankLinear(nn.Module):
     between truncations), ``seed`` (the candidate directions' random stream; ``None``: drawn from
     PyTorch's global generator).
     """
+
+    replicated_parameters = ("U", "S", "V")
+    """Reshaped by :meth:`truncate`: the sharded engines keep them whole on every rank."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, min_rank: int = 1,
                  max_rank: int | None = None, tol: float = 0.1, augment: int | None = None,
@@ -170,7 +183,10 @@ class DynamicRankLinear(nn.Module):
 
     # ------------------------------------------------------------------ function
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(F.linear(x, self.V.t()), self.S), self.U, self.bias)
+        # The factors stay in their own dtype when an engine casts the sharded parameters (DeepSpeed
+        # bf16): compute in the input's dtype.
+        U, S, V = (p if p.dtype == x.dtype else p.to(x.dtype) for p in (self.U, self.S, self.V))
+        return F.linear(F.linear(F.linear(x, V.t()), S), U, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         return self.U @ self.S @ self.V.t()
@@ -187,25 +203,21 @@ class DynamicRankLinear(nn.Module):
     # ------------------------------------------------------------------ rank adaptation
     def _check_unsharded(self, optimizer) -> None:
         for name, p in (("U", self.U), ("S", self.S), ("V", self.V)):
-            if is_dtensor(p):
+            if is_dtensor(p) or hasattr(p, "ds_id"):
+                how = "an FSDP2 DTensor" if is_dtensor(p) else "a DeepSpeed ZeRO-3 partition"
                 raise RuntimeError(
-                    f"DynamicRankLinear.{name} is a sharded DTensor (FSDP2): rank changes reshape the "
-                    f"parameters, which FSDP2 cannot follow; dynamic-rank layers need the single-process "
-                    f"engine (engine=single)")
-            if hasattr(p, "ds_id"):
-                raise RuntimeError(
-                    f"DynamicRankLinear.{name} is partitioned by DeepSpeed ZeRO-3: rank changes reshape the "
-                    f"parameters, which ZeRO cannot follow; dynamic-rank layers need the single-process "
-                    f"engine (engine=single)")
+                    f"DynamicRankLinear.{name} is sharded ({how}): rank changes reshape it; it is declared in "
+                    f"replicated_parameters, so wrap the model with the engines of optimlib.train.engine, which "
+                    f"keep it whole on every rank")
         if optimizer is not None:
             held = {id(q) for group in optimizer.param_groups for q in group["params"]}
             for name, p in (("U", self.U), ("S", self.S), ("V", self.V)):
                 if p.requires_grad and id(p) not in held:
                     raise RuntimeError(
-                        f"DynamicRankLinear.{name} is not one of the optimizer's parameters (DeepSpeed ZeRO "
-                        f"and FSDP hand the optimizer flat or sharded copies): rank changes must reshape the "
-                        f"optimizer's own tensors, so dynamic-rank layers need the single-process engine "
-                        f"(engine=single) and the optimizer that trains them")
+                        f"DynamicRankLinear.{name} is not one of the parameters of the optimizer given to after_step "
+                        f"(DeepSpeed ZeRO and FSDP hand the optimizer flat or sharded copies): rank changes must "
+                        f"reshape the optimizer's own tensors; pass the optimizer that trains the replicated "
+                        f"parameters (optimlib.reparam.after_step(model, opt, replicated_optimizer=...))")
 
     def after_step(self, optimizer=None) -> None:
         """Count the step; every ``interval`` steps truncate / augment (see the module doc)."""
@@ -253,7 +265,7 @@ class DynamicRankLinear(nn.Module):
             fresh = nn.Parameter(new.to(device=old.device, dtype=old.dtype), requires_grad=old.requires_grad)
             if optimizer is not None:
                 _swap_in_optimizer(optimizer, old, fresh, maps[old], squared[old])
-            setattr(self, name, fresh)
+            replace_parameter(self, name, fresh)
         self.current_rank.fill_(r)
         return r
 
@@ -286,9 +298,12 @@ class DynamicRankLinear(nn.Module):
 
 
 def _swap_in_optimizer(optimizer, old: nn.Parameter, new: nn.Parameter, linear_map, square_map) -> None:
-    """Put ``new`` where ``old`` was in ``optimizer.param_groups`` and move ``old``'s state to it,
-    remapping each state tensor of the parameter's shape (see the module doc)."""
+    """Put ``new`` where ``old`` was in ``optimizer.param_groups`` (and its recorded ``shapes``,
+    the optimizer factory's) and move ``old``'s state to it, remapping each state tensor of the
+    parameter's shape (see the module doc)."""
     for group in optimizer.param_groups:
+        if "shapes" in group:
+            group["shapes"] = [tuple(new.shape) if q is old else s for q, s in zip(group["params"], group["shapes"])]
         group["params"] = [new if q is old else q for q in group["params"]]
     state = optimizer.state.pop(old, None)
     if not state:

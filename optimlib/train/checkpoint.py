@@ -187,6 +187,12 @@ def load(engine, path: Path) -> dict:
                          f"{engine.world_size} rank(s). Checkpoints convert between engines "
                          f"{' and '.join(convert.CONVERTIBLE)} (any world size); DeepSpeed's resume only "
                          f"under DeepSpeed on the same world size")
+    if any(getattr(m, "replicated_parameters", ()) for m in engine.module.modules()):
+        raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']} on "
+                         f"{manifest['world_size']} rank(s); this run is engine={engine.name} on "
+                         f"{engine.world_size} rank(s), and its model has layers whose parameters change shape "
+                         f"(dynamic rank), which are checkpointed beside the engine's files: resume it under the "
+                         f"engine and world size that wrote it")
     return convert.load_converted(engine, path, manifest)
 
 
@@ -229,7 +235,8 @@ def _save_fsdp2(engine, tmp: Path, meta: dict) -> None:
     model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     if engine.rank == 0:
-        torch.save({"meta": meta, "rng": torch.get_rng_state()}, tmp / "meta.pt")
+        torch.save({"meta": meta, "rng": torch.get_rng_state(), "replicated": engine.replicated_state_dict()},
+                   tmp / "meta.pt")
 
 
 def _load_fsdp2(engine, path: Path) -> dict:
@@ -242,14 +249,15 @@ def _load_fsdp2(engine, path: Path) -> dict:
     set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
     extra = torch.load(path / "meta.pt", weights_only=True)
+    engine.load_replicated_state_dict(extra.get("replicated"))
     torch.set_rng_state(extra["rng"])
     return extra["meta"]
 
 
 # ------------------------------------------------------------------ DeepSpeed
 def _save_deepspeed(engine, tmp: Path, meta: dict) -> None:
-    engine.model.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state={"optimlib_meta": meta},
-                                 save_latest=False)
+    client = {"optimlib_meta": meta, "optimlib_replicated": engine.replicated_state_dict()}
+    engine.model.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=client, save_latest=False)
 
 
 def deepspeed_safe_globals() -> list:
@@ -273,6 +281,7 @@ def _load_deepspeed(engine, path: Path) -> dict:
     _, client = engine.model.load_checkpoint(str(path.parent), tag=path.name)
     if client is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint at '{path}'")
+    engine.load_replicated_state_dict(client.get("optimlib_replicated"))
     return client["optimlib_meta"]
 
 

@@ -2,8 +2,15 @@
 
 Each engine owns the wrapped model and the optimizer and offers the same small surface to the
 training loop: ``forward_backward`` for one micro-batch, ``step`` at the accumulation boundary,
-``set_lr``, ``save``/``load`` and the memory counters.  The loop itself (``loop.py``) is the
-same for all of them.
+``after_step`` (the reparameterizations' step hooks), ``set_lr``, ``save``/``load`` and the
+memory counters.  The loop itself (``loop.py``) is the same for all of them.
+
+Parameters a reparameterized layer declares replicated (``replicated_parameters``: shapes that
+change between steps, e.g. dynamic-rank factors) are kept out of FSDP2's and ZeRO's sharding by
+the two sharded engines and trained by a second instance of the optimizer, on every rank, with
+gradients averaged over the ranks and clipped by the global norm over all parameters
+(:mod:`optimlib.distributed.replicated`).  Checkpoints carry them through
+:meth:`Engine.replicated_state_dict`.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from optimlib import reparam
 from optimlib.distributed.layout import to_local
+from optimlib.distributed.replicated import ReplicatedParams
 from optimlib.distributed.teardown import leave_process_group
-from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes
+from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes, param_groups
 from optimlib.train.config import ConfigError, RunConfig
 
 
@@ -76,6 +85,15 @@ def param_bytes(model: nn.Module) -> int:
     return total
 
 
+@torch.no_grad()
+def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale ``grads`` by ``min(1, max_norm / (total_norm + 1e-6))`` when ``max_norm > 0``: the
+    rule (and fp32 coefficient) of ``torch.nn.utils.clip_grads_with_norm_``, applied as a scalar,
+    so that DTensor and plain gradients can be scaled by one global norm."""
+    if max_norm > 0 and grads:
+        torch._foreach_mul_(grads, float(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)))
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or inf and ``train.on_nonfinite`` is ``stop``."""
 
@@ -99,6 +117,8 @@ class Engine:
         self.world_size = world_size
         self.model: nn.Module | None = None
         self.optimizer = None
+        self.replicated: ReplicatedParams | None = None
+        """The declared replicated parameters (sharded engines only; None when there are none)."""
         dtype = cfg.train.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -129,6 +149,34 @@ class Engine:
         self.model = model.to(self.device)
         self.optimizer = self.build_optimizer(self.model)
 
+    def split_replicated(self, model: nn.Module, per_parameter_groups: bool = False) -> None:
+        """Sharded engines, before wrapping ``model``: hide the declared replicated parameters from
+        it, make them equal on every rank and build their optimizer (the run's optimizer class and
+        options; param groups by the factory's rules, so each parameter gets the weight decay it
+        gets in a one-process run).  No targeted-matrix group: replicated parameters are not
+        ``nn.Linear`` weights, so a one-process run does not put them in one either."""
+        entries = reparam.replicated_parameters(model)
+        if not entries:
+            return
+        self.replicated = ReplicatedParams(entries, self.world_size)
+        self.replicated.broadcast_()
+        spec = get_optimizer_spec(self.cfg.optim.name)
+        kwargs = {k: v for k, v in {**spec.defaults, **self._optimizer_kwargs()}.items()
+                  if k not in spec.matrix_keys and k != "target_modules"}
+        lr, weight_decay = kwargs.pop("lr"), kwargs.pop("weight_decay")
+        groups = param_groups(self.replicated.param_view(), weight_decay=weight_decay,
+                              per_parameter_groups=per_parameter_groups)
+        try:
+            self.replicated.optimizer = spec.build(groups, lr=lr, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"config section 'optim' (optim.kwargs) does not fit optimizer "
+                              f"{self.cfg.optim.name!r}: {exc}") from None
+
+    def after_step(self) -> None:
+        """The reparameterized layers' step hooks (rank truncation, schedules), after a step."""
+        reparam.after_step(self.module, self.client_optimizer(),
+                           replicated_optimizer=self.replicated.optimizer if self.replicated else None)
+
     # -------------------------------------------------------------- training
     def autocast(self):
         if self.autocast_dtype is None:
@@ -148,31 +196,42 @@ class Engine:
     def step(self) -> StepResult:
         """Clip, check and apply the accumulated gradients (the accumulation boundary).
 
-        The global gradient norm is computed once: it drives clipping and the non-finite
-        policy (``train.on_nonfinite``): ``skip`` drops the step's gradients and leaves the
-        parameters and the optimizer state untouched; ``stop`` raises
-        :class:`NonFiniteGradientError` naming the step's parameters that hold NaN/inf.
+        The global gradient norm is computed once (over the sharded and the replicated
+        parameters): it drives clipping and the non-finite policy (``train.on_nonfinite``):
+        ``skip`` drops the step's gradients and leaves the parameters and the optimizer state
+        untouched; ``stop`` raises :class:`NonFiniteGradientError` naming the step's parameters
+        that hold NaN/inf.
         """
-        with_grad = [p for p in self.model.parameters() if p.grad is not None]
-        total = torch.nn.utils.get_total_norm([p.grad for p in with_grad], foreach=True)
-        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        optimizers = [self.optimizer]
+        grads = [[p.grad for p in self.model.parameters() if p.grad is not None]]
+        total = torch.nn.utils.get_total_norm(grads[0], foreach=True)
+        if hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+        if self.replicated is not None:
+            self.replicated.average_grads_()
+            total = torch.linalg.vector_norm(torch.stack([total, self.replicated.grad_norm().to(total)]))
+            grads.append(self.replicated.grads())  # plain tensors: not in one foreach call with DTensors
+            optimizers.append(self.replicated.optimizer)
+        norm = float(total)
         if not math.isfinite(norm):
             if self.cfg.train.on_nonfinite == "stop":  # "auto" means skip here
                 raise NonFiniteGradientError(f"non-finite gradient (norm {norm}) in {self._nonfinite_names()}; "
                                              f"train.on_nonfinite=stop ended the run")
-            self.optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             return StepResult(norm, skipped=True)
-        clip = self.cfg.train.grad_clip
-        if clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, clip, total, foreach=True)  # parameters, not grads
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for group in grads:
+            clip_grads_(group, self.cfg.train.grad_clip, total)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return StepResult(norm)
 
     def _nonfinite_names(self) -> str:
         """The parameters whose gradient holds NaN/inf, on any rank (a collective)."""
         mine = [n for n, p in self.module.named_parameters()
                 if p.grad is not None and not bool(torch.isfinite(to_local(p.grad)).all())]
+        mine += self.replicated.nonfinite_names() if self.replicated is not None else []
         if self.world_size > 1:
             every: list = [None] * self.world_size
             dist.all_gather_object(every, mine)
@@ -180,7 +239,7 @@ class Engine:
         return ", ".join(mine) or "(no parameter: the norm overflowed)"
 
     def param_groups(self):
-        return self.optimizer.param_groups
+        return self.optimizer.param_groups + (self.replicated.optimizer.param_groups if self.replicated else [])
 
     def set_lr(self, factor: float) -> None:
         """Every group's lr = ``optim.lr * factor``.  The base comes from the config, never from
@@ -207,10 +266,27 @@ class Engine:
         return unwrap_optimizer(self.optimizer)
 
     def optimizer_state_bytes(self) -> int:
-        return optimizer_state_bytes(self.client_optimizer())
+        extra = optimizer_state_bytes(self.replicated.optimizer) if self.replicated is not None else 0
+        return optimizer_state_bytes(self.client_optimizer()) + extra
 
     def param_bytes(self) -> int:
-        return param_bytes(self.model)
+        return param_bytes(self.module) + (self.replicated.param_bytes() if self.replicated is not None else 0)
+
+    # -------------------------------------------------------------- checkpoints
+    def replicated_state_dict(self) -> dict | None:
+        """What a checkpoint must carry besides the wrapped model and optimizer: the replicated
+        parameters (absent from the model's ``state_dict``) and their optimizer's state; None
+        when there are none.  The same on every rank: rank 0's copy is enough."""
+        return self.replicated.state_dict() if self.replicated is not None else None
+
+    def load_replicated_state_dict(self, state: dict | None) -> None:
+        """Restore :meth:`replicated_state_dict` (after the model and optimizer are loaded)."""
+        if (state is None) != (self.replicated is None):
+            raise ValueError("the checkpoint " + ("lacks the replicated parameters (and their optimizer state) this "
+                                                  "model declares" if state is None else
+                                                  "holds replicated parameters this model does not declare"))
+        if state is not None:
+            self.replicated.load_state_dict(state)
 
     def all_reduce_sum(self, value: float) -> float:
         if self.world_size == 1:
@@ -240,8 +316,7 @@ class Engine:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group together: a rank that exits while its peers still talk to it
-        aborts in gloo's destructor ("terminate called without an active exception")."""
+        """Leave the process group together (see :mod:`optimlib.distributed.teardown`)."""
         leave_process_group()
 
 
@@ -259,6 +334,7 @@ class FSDP2Engine(Engine):
         from torch.distributed.fsdp import fully_shard
 
         model = model.to(self.device)
+        self.split_replicated(model)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         for block in model.layers:
             fully_shard(block, mesh=mesh)
@@ -323,12 +399,37 @@ class DeepSpeedEngine(Engine):
         model = model.to(self.device)
         # Shape-aware optimizers need one parameter per group so that each ZeRO partition is a
         # slice of one parameter (see optimlib.distributed.layout).
+        self.split_replicated(model, per_parameter_groups=spec.shape_aware)
         optimizer = self.build_optimizer(model, per_parameter_groups=spec.shape_aware)
         self.autocast_dtype = None  # DeepSpeed's bf16 section casts the model itself
         engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(),
                                                     dist_init_required=False)
         self.model = engine
         self.optimizer = ds_opt
+        if self.replicated is not None and self.cfg.train.grad_clip > 0:
+            self._clip_with_replicated(ds_opt)
+
+    def _clip_with_replicated(self, ds_opt) -> None:
+        """Make ZeRO's global gradient norm (which it clips by, inside ``model.step()``) include
+        the replicated parameters' gradients, as a one-process run's does.  ZeRO has no public
+        hook for it: the per-optimizer norm method is wrapped (ZeRO-1/2 ``scaled_global_norm``,
+        ZeRO-3 ``_get_norm_groups``); the replicated gradients are averaged just before."""
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+
+        def extra():  # unscaled, like ZeRO's: fp32 and bf16 runs have no loss scaling
+            return self.replicated.grad_norm()
+
+        if callable(getattr(ds_opt, "_get_norm_groups", None)):  # ZeRO-3
+            groups = ds_opt._get_norm_groups
+            ds_opt._get_norm_groups = lambda: [*groups(), extra()]
+        elif callable(getattr(ds_opt, "scaled_global_norm", None)):  # ZeRO-1/2
+            scaled = ds_opt.scaled_global_norm
+            ds_opt.scaled_global_norm = lambda norm_type=2: combine_grad_norm_groups([scaled(norm_type), extra()])
+        else:
+            raise ConfigError(f"DeepSpeed's {type(ds_opt).__name__} (zero_optimization.stage "
+                              f"{self.ds_config()['zero_optimization']['stage']}) gives no way to clip the replicated "
+                              f"parameters of this model by the global norm; use ZeRO stage 1, 2 or 3, or "
+                              f"train.grad_clip=0")
 
     def loss(self, x, y):
         logits = self.model(x)
@@ -342,19 +443,27 @@ class DeepSpeedEngine(Engine):
             raise NonFiniteGradientError(f"non-finite loss ({float(loss)}) on rank {self.rank}: its gradients would "
                                          f"reach every parameter; train.on_nonfinite=stop ended the run")
         self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        if last and self.replicated is not None:
+            self.replicated.average_grads_()  # before model.step(): its clipping norm includes them
         self.model.step()  # a no-op until the accumulation boundary
         return loss.detach()
 
     def step(self) -> StepResult:
-        norm = self.model.get_global_grad_norm() if self.cfg.train.grad_clip > 0 else None
-        return StepResult(float(norm) if norm is not None else None)
+        """DeepSpeed stepped inside ``forward_backward``; the replicated parameters step here,
+        clipped by the same global norm (the one ``_clip_with_replicated`` made ZeRO compute)."""
+        clip = self.cfg.train.grad_clip
+        norm = self.model.get_global_grad_norm() if clip > 0 else None
+        norm = float(norm) if norm is not None else None
+        if self.replicated is not None:
+            if clip > 0:
+                clip_grads_(self.replicated.grads(), clip, torch.tensor(norm, dtype=torch.float32))
+            self.replicated.optimizer.step()
+            self.replicated.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm)
 
     @property
     def module(self) -> nn.Module:
         return self.model.module
-
-    def param_bytes(self) -> int:
-        return param_bytes(self.module)
 
 
 ENGINES = {"single": SingleEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}

@@ -182,7 +182,7 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
             raise NonFiniteGradientError(f"step {step + 1}: {exc}") from None
         skipped_steps += result.skipped
         if cfg.reparam.method and not result.skipped:
-            reparam.after_step(engine.module, engine.client_optimizer())
+            engine.after_step()
         last_loss = float(engine.all_reduce_mean(torch.stack(losses).mean()))
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -196,11 +196,46 @@ def test_exact_resume_across_rank_changes():
 def test_sharded_or_flattened_parameters_raise():
     layer = _trained_layer()
     stranger = torch.optim.Adam([nn.Parameter(torch.zeros(3))])  # e.g. ZeRO's flat partitions
-    with pytest.raises(RuntimeError, match="single-process engine"):
+    with pytest.raises(RuntimeError, match="not one of the parameters of the optimizer"):
         layer.after_step(stranger)
     layer.U.ds_id = 0  # what deepspeed.zero.Init / ZeRO-3 attaches to a partitioned parameter
     with pytest.raises(RuntimeError, match="ZeRO-3"):
         layer.after_step(None)
+
+
+def test_replicated_factors_stay_hidden_across_rank_changes():
+    """What the sharded engines do (optimlib.distributed.replicated), on one process: the declared
+    factors leave the module's registered parameters and state_dict, a truncation replaces them
+    where they live (still hidden, swapped into the replicated optimizer with its state), and the
+    replicated state dict restores values and widths into a fresh layer."""
+    from optimlib.distributed.replicated import ReplicatedParams
+
+    layer = _trained_layer(tol=0.3)
+    model = nn.Sequential(layer)
+    entries = reparam.replicated_parameters(model)
+    assert [fqn for fqn, _, _ in entries] == ["0.U", "0.S", "0.V"]
+    replicated = ReplicatedParams(entries, world_size=1)
+    assert [n for n, _ in model.named_parameters()] == ["0.bias"] and "0.U" not in model.state_dict()
+    main = torch.optim.Adam([layer.bias], lr=0.01)
+    replicated.optimizer = torch.optim.Adam(replicated.params, lr=0.01)
+    x = torch.randn(16, D_IN)
+    layer(x).pow(2).mean().backward()
+    main.step()
+    replicated.optimizer.step()
+    width = layer.width
+    reparam.after_step(model, main, replicated_optimizer=replicated.optimizer)  # interval 1000: no change
+    layer.truncate(replicated.optimizer)
+    assert layer.width < width and [n for n, _ in model.named_parameters()] == ["0.bias"]
+    assert replicated.params == [layer.U, layer.S, layer.V] == replicated.optimizer.param_groups[0]["params"]
+    assert replicated.optimizer.state[layer.U]["exp_avg"].shape == layer.U.shape
+
+    fresh = DynamicRankLinear.from_linear(nn.Linear(D_IN, D_OUT), rank=6, augment=3, interval=1000)
+    copy = ReplicatedParams(reparam.replicated_parameters(nn.Sequential(fresh)), world_size=1)
+    copy.optimizer = torch.optim.Adam(copy.params, lr=0.01)
+    fresh.load_state_dict(layer.state_dict())  # bias and buffers: the factors are not in it
+    copy.load_state_dict(replicated.state_dict())
+    assert fresh.width == layer.width and torch.equal(fresh(x), layer(x))
+    assert torch.equal(copy.optimizer.state[fresh.V]["exp_avg_sq"], replicated.optimizer.state[layer.V]["exp_avg_sq"])
 
 
 @pytest.mark.parametrize("kwargs, match", [
