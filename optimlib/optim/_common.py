@@ -136,8 +136,12 @@ def check_param_shape(optimizer: torch.optim.Optimizer, group_index: int, param_
     another shape (model surgery, a resized embedding) would otherwise fail deep inside a matmul
     or a broadcast, or silently step a reshaped view.  Deleting the parameter's state
     (``del optimizer.state[param]``) re-arms it with the new shape.  The record lives on the
-    optimizer object, not in its ``state_dict``.
+    optimizer object, not in its ``state_dict``, keyed weakly by the tensor (a freed parameter's
+    ``id`` can be reused by the parameter a dynamic-rank layer swaps in).  Eager steps only: under
+    ``torch.compile`` the check is skipped (dynamo guards the shapes and recompiles).
     """
+    if torch.compiler.is_compiling():  # host bookkeeping; a compiled step is guarded on shapes anyway
+        return
     shapes = optimizer.__dict__.get(_SHAPES)
     if shapes is None:  # keyed by the tensor itself, weakly: a freed parameter's id can be reused
         shapes = optimizer.__dict__[_SHAPES] = WeakIdKeyDictionary()
