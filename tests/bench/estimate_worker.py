@@ -1,17 +1,29 @@
 """Worker for test_estimate.py: per-rank measured bytes under FSDP2 and DeepSpeed ZeRO on 2 CPU ranks.
 
-``torchrun --nproc_per_node 2 estimate_worker.py fsdp2|ds1|ds2|ds3 OUT.json NAME...`` builds
-``llama_tiny`` for every registered optimizer ``NAME``, wraps it the way ``launch/pretrain.py``
-does (FSDP2: ``fully_shard`` on every block, then the root; DeepSpeed: ``deepspeed.initialize``
-with the optimizer as client, one parameter per group for shape-aware optimizers), runs one
-forward/backward and one optimizer step on random tokens, and writes every rank's parameter,
-gradient (FSDP2) and optimizer-state bytes to ``OUT.json`` (rank 0 writes).
+``torchrun --nproc_per_node 2 estimate_worker.py fsdp2|ds1|ds2|ds3 OUT.json [--models M1,M2]
+[--randomized-basis] NAME...`` builds every model ``M`` (default ``llama_tiny``) for every
+registered optimizer ``NAME``, wraps it the way ``launch/pretrain.py`` does (FSDP2:
+``fully_shard`` on every block, then the root; DeepSpeed: ``deepspeed.initialize`` with the
+optimizer as client, one parameter per group for shape-aware optimizers), runs one
+forward/backward and one optimizer step on random tokens, and writes every rank's bytes to
+``OUT.json`` as ``{model: {name: {"kwargs": ..., "ranks": [...]}}}`` (rank 0 writes):
+
+* ``param_bytes``: the local parameters (FSDP2 shards, ZeRO-3 partitions);
+* ``grad_bytes``: FSDP2 -- the sharded ``.grad`` DTensors after backward; DeepSpeed -- the
+  gradients the client optimizer is handed at ``step()`` (the fp32 flat partitions of ZeRO-1/2,
+  the per-parameter partitions of ZeRO-3; counted once per storage region by a step pre-hook);
+* ``state_bytes``: ``optimlib.optimizer_state_bytes`` of the client optimizer after its step.
+
+``--randomized-basis``: low-rank methods use ``projection="randomized", power_iters=0`` (a basis
+of the exact SVD's bytes at a fraction of its cost, as test_estimate.py does for 60M and 130M).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -19,8 +31,9 @@ import torch.nn.functional as F
 
 from optimlib.distributed.teardown import exit_process, leave_process_group
 
-MODEL = "llama_tiny"
 SEQ, MICRO = 16, 2
+CHEAP_BASIS = {"projection": "randomized", "power_iters": 0}
+BUCKET = 10 ** 7     # elements; DeepSpeed's default reduce bucket (5e8 fp32 = 2 GB per rank) would not fit here
 
 
 def batch(rank: int):
@@ -40,7 +53,20 @@ def client(opt):
     return opt
 
 
-def measure(engine: str, name: str) -> dict:
+def count_step_grads(opt, seen: dict) -> None:
+    """Record the bytes of every gradient ``opt`` is handed at each ``step()`` (ZeRO-3 calls it
+    once per sub-group); a region counted once however often it is seen."""
+    def hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = p.grad
+                    seen[(g.untyped_storage().data_ptr(), g.storage_offset(), g.numel())] = g.numel() * g.element_size()
+
+    opt.register_step_pre_hook(hook)
+
+
+def measure(engine: str, model_name: str, name: str, randomized_basis: bool) -> dict:
     from optimlib.bench.accounting import grad_bytes, param_bytes, state_bytes
     from optimlib.bench.contenders import optimizer_kwargs
     from optimlib.models import build_model
@@ -48,8 +74,10 @@ def measure(engine: str, name: str) -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = build_model(MODEL)
-    kwargs = optimizer_kwargs(name, MODEL)
+    model = build_model(model_name)
+    kwargs = optimizer_kwargs(name, model_name)
+    if randomized_basis and "rank" in kwargs:
+        kwargs.update(CHEAP_BASIS)
     x, y = batch(rank)
     out = {}
     if engine == "fsdp2":
@@ -74,12 +102,17 @@ def measure(engine: str, name: str) -> dict:
                                **kwargs)
         config = {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
                   "gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-                  "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+                  "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET},
+                  "steps_per_print": 10 ** 9}
         ds, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+        inner = client(ds_opt)
+        seen: dict = {}
+        count_step_grads(inner, seen)
         ds.backward(loss_of(ds, x, y))
         ds.step()
         out["param_bytes"] = param_bytes(ds.module)
-        inner = client(ds_opt)
+        out["grad_bytes"] = sum(seen.values())
+        ds.destroy()        # drops DeepSpeed's hooks and buffers; without it every measurement stays alive
     out["state_bytes"] = optimizer_state_bytes(inner)
     out["state_storage_bytes"] = state_bytes(inner).storage_bytes
     every = [None] * world
@@ -87,7 +120,7 @@ def measure(engine: str, name: str) -> dict:
     return {"kwargs": kwargs, "ranks": every}
 
 
-def main(engine: str, path: str, names: list[str]) -> None:
+def main(engine: str, path: str, models: list[str], names: list[str], randomized_basis: bool) -> None:
     if engine.startswith("ds"):
         import deepspeed
 
@@ -95,7 +128,14 @@ def main(engine: str, path: str, names: list[str]) -> None:
     else:
         dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    results = {name: measure(engine, name) for name in names}
+    results: dict = {}
+    for m in models:
+        for name in names:
+            tic = time.perf_counter()
+            results.setdefault(m, {})[name] = measure(engine, m, name, randomized_basis)
+            gc.collect()
+            if dist.get_rank() == 0:
+                print(f"{engine} {m} {name}: {time.perf_counter() - tic:.1f} s", flush=True)
     if dist.get_rank() == 0:
         with open(path, "w") as fh:
             json.dump(results, fh)
@@ -104,5 +144,12 @@ def main(engine: str, path: str, names: list[str]) -> None:
 
 if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(argv[0], argv[1], argv[2:])
+    models = ["llama_tiny"]
+    if "--models" in argv:
+        i = argv.index("--models")
+        models = argv[i + 1].split(",")
+        del argv[i:i + 2]
+    cheap = "--randomized-basis" in argv
+    argv = [a for a in argv if a != "--randomized-basis"]
+    main(argv[0], argv[1], models, argv[2:], cheap)
     exit_process(0)
