@@ -15,10 +15,11 @@ and its backward, for an upstream gradient ``g = dL/dW`` (with ``t = tanh(c thet
 is saved between them (eager autograd keeps ``t``, one weight-sized tensor per layer) -- and
 writes ``d theta`` while reducing the two sums per program (partial sums added on the host side
 of the op: deterministic).  The learnable ``log a``, ``log k`` of the module get their gradients
-through ``a = exp(log a)`` outside the op, as before.
+through ``a = exp(log a)`` outside the op.
 
-Reference twin: the module's expression ``a * tanh(theta * (k / a))`` with ``a, k`` cast to the
-weight's dtype (bit-identical forward) and the backward written out in autograd's order
+The compander parametrization calls this op and has no maths of its own.  Reference twin: the
+expression ``a * tanh(theta * (k / a))`` with ``a, k`` cast to the weight's dtype (any floating
+dtype, float64 included, for ``gradcheck``) and the backward written out in autograd's order
 (``aten.tanh_backward``, which forms ``1 - t^2`` with one rounding: an FMA, as the kernel does), so
 ``d theta`` is bit-identical to autograd's.  The kernel's tanh is our own (Triton's interpreter has no
 libdevice): an odd rational approximation for ``|x| < 0.625`` (Cephes' ``tanhf`` coefficients,

@@ -8,19 +8,26 @@ dimension, ``d_in % M == 0``), :mod:`optimlib.reparam.nm` uses::
     dW    = g * s  (grad_mode="exact", e.g. MDGF's decayed gradient of the pruned weights)   or   g  (STE)
             + lam * (1 - mask) * W                                                             (SR-STE term)
 
+The SR-STE term is due once per optimizer step (see :mod:`optimlib.reparam.nm`): :func:`nm_grad`
+takes an optional 0-d bool tensor ``pending``; given, the term is added only while it is True and
+the op (``optimlib::nm_grad_once``, the mutating twin of ``optimlib::nm_grad``) then sets it False
+(after the kernel has read it, in stream order: no host sync), so the first backward of a step
+adds the term and later micro-batches' backwards do not.  A mutated tensor rather than a Python
+flag, so that ``torch.compile`` traces the backward whole.
+
 Ops: :func:`nm_mask_apply` returns ``(W~, mask)`` in one pass -- an element is kept when fewer
 than ``N`` entries of its group beat it (larger ``|w|``, or equal ``|w|`` at a lower index), which
 is a branch-free ``M x M`` comparison per group in registers -- and :func:`nm_grad` is the
 elementwise backward (one pass over ``g``, ``W`` and the 1-byte mask).
 
-Tie rule.  ``torch.topk`` (what :func:`optimlib.reparam.nm.nm_mask` calls) leaves the choice among
-equal magnitudes unspecified; this op fixes it (lower index), in the twin (a stable descending
-sort) and in the kernel alike, so the two agree bit-for-bit on the mask.  Without ties -- almost
-surely for trained float weights -- the mask is ``nm_mask``'s; with ties (e.g. several exact zeros
-in a group) ``topk`` may pick another of the equals.
+Tie rule.  ``torch.topk`` leaves the choice among equal magnitudes unspecified; this op fixes it
+(lower index), in the twin (a stable descending sort) and in the kernel alike, so the two agree
+bit-for-bit on the mask.  Without ties -- almost surely for trained float weights -- the mask is
+``topk``'s; with ties (e.g. several exact zeros in a group) ``topk`` may pick another of the equals.
 
-``W~`` and ``dW`` follow the eager expressions of ``_MaskedWeight`` (``s`` in ``W``'s dtype, then
-multiplied), so with the same mask the reference path is bit-identical to the module.
+The N:M parametrization (:mod:`optimlib.reparam.nm`) calls these ops and has no maths of its own;
+the twins (any floating dtype, float64 included, for ``gradcheck``) compute ``s`` in ``W``'s dtype
+and multiply, as autograd of ``W * s`` does, and the kernels agree with them bit for bit.
 """
 
 from typing import Optional
@@ -54,10 +61,11 @@ def nm_mask_apply_reference(weight: torch.Tensor, n: int, m: int, beta: float) -
 
 
 def nm_grad_reference(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, beta: float, lam: float,
-                      exact: bool) -> torch.Tensor:
+                      exact: bool, pending: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient (``pending`` is only read: the op clears it)."""
     out = grad * _scale(mask, beta, grad.dtype) if exact else grad
     if lam:
-        out = out + lam * weight.masked_fill(mask, 0)
+        out = out + lam * weight.masked_fill(mask if pending is None else mask | ~pending, 0)
     return out
 
 
@@ -86,9 +94,9 @@ def _mask_kernel(w_ptr, out_ptr, mask_ptr, R, C, groups_per_row, num_groups, sw0
 
 
 @jit
-def _grad_kernel(g_ptr, w_ptr, mask_ptr, out_ptr, R, C, sg0, sg1, sw0, sw1, beta, lam,
-                 EXACT: tl.constexpr, HAS_LAM: tl.constexpr, IDX: tl.constexpr, BR: tl.constexpr,
-                 BC: tl.constexpr):
+def _grad_kernel(g_ptr, w_ptr, mask_ptr, pending_ptr, out_ptr, R, C, sg0, sg1, sw0, sw1, beta, lam,
+                 EXACT: tl.constexpr, HAS_LAM: tl.constexpr, HAS_PENDING: tl.constexpr, IDX: tl.constexpr,
+                 BR: tl.constexpr, BC: tl.constexpr):
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(IDX)[:, None]
     cols = (tl.program_id(1) * BC + tl.arange(0, BC)).to(IDX)[None, :]
     ok = (rows < R) & (cols < C)
@@ -100,7 +108,10 @@ def _grad_kernel(g_ptr, w_ptr, mask_ptr, out_ptr, R, C, sg0, sg1, sw0, sw1, beta
         g = round_through(g * s, odt)
     if HAS_LAM:
         w = tl.load(w_ptr + rows * sw0 + cols * sw1, mask=ok, other=0.0).to(tl.float32)
-        g = g + round_through(lam * tl.where(keep, 0.0, w), odt)
+        pruned = ~keep
+        if HAS_PENDING:                                  # the term is due only while the flag is set
+            pruned = pruned & (tl.load(pending_ptr) != 0)
+        g = g + round_through(lam * tl.where(pruned, w, 0.0), odt)
     tl.store(out_ptr + rows * C + cols, cast_rn(g, odt), mask=ok)
 
 
@@ -118,7 +129,7 @@ def _mask_triton(weight, n, m, beta):
     return out.view(weight.shape), mask.view(weight.shape)
 
 
-def _grad_triton(grad, weight, mask, beta, lam, exact):
+def _grad_triton(grad, weight, mask, beta, lam, exact, pending):
     g = as_2d(grad)
     w = as_2d(weight) if weight is not None else g          # (not read when lam == 0)
     R, C = g.shape
@@ -126,9 +137,11 @@ def _grad_triton(grad, weight, mask, beta, lam, exact):
     if out.numel():
         bc = min(next_pow2(C), 256)
         br = max(1, min(next_pow2(R), 2048 // bc))
-        launch(_grad_kernel, (cdiv(R, br), cdiv(C, bc)), g, w, mask.contiguous().view(torch.int8), out, R, C,
-               g.stride(0), g.stride(1), w.stride(0), w.stride(1), beta, lam, EXACT=exact, HAS_LAM=lam != 0.0,
-               IDX=index_dtype(g, w, out), BR=br, BC=bc, num_warps=8)
+        m8 = mask.contiguous().view(torch.int8)
+        launch(_grad_kernel, (cdiv(R, br), cdiv(C, bc)), g, w, m8, m8 if pending is None else pending.view(torch.int8),
+               out, R, C, g.stride(0), g.stride(1), w.stride(0), w.stride(1), beta, lam, EXACT=exact,
+               HAS_LAM=lam != 0.0, HAS_PENDING=pending is not None, IDX=index_dtype(g, w, out), BR=br, BC=bc,
+               num_warps=8)
     return out.view(grad.shape)
 
 
@@ -151,18 +164,35 @@ def _grad_dtype(grad: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
     return grad.dtype if weight is None else torch.promote_types(grad.dtype, weight.dtype)
 
 
-@torch.library.custom_op("optimlib::nm_grad", mutates_args=())
-def _grad_op(grad: torch.Tensor, weight: Optional[torch.Tensor], mask: torch.Tensor, beta: float, lam: float,
-             exact: bool, backend: str) -> torch.Tensor:
-    if use_triton(backend, (grad, weight, mask)):
-        return _grad_triton(grad, weight, mask, beta, lam, exact)
-    out = nm_grad_reference(grad, weight, mask, beta, lam, exact)
+def _grad(grad, weight, mask, pending, beta, lam, exact, backend) -> torch.Tensor:
+    if use_triton(backend, (grad, weight, mask, pending)):
+        return _grad_triton(grad, weight, mask, beta, lam, exact, pending)
+    out = nm_grad_reference(grad, weight, mask, beta, lam, exact, pending)
     return out.clone() if out is grad else out.contiguous()
 
 
-@_grad_op.register_fake
-def _(grad, weight, mask, beta, lam, exact, backend):
+def _grad_fake(grad, weight, mask, *args):
     return torch.empty(grad.shape, dtype=_grad_dtype(grad, weight), device=grad.device)
+
+
+@torch.library.custom_op("optimlib::nm_grad", mutates_args=())
+def _grad_op(grad: torch.Tensor, weight: Optional[torch.Tensor], mask: torch.Tensor, beta: float, lam: float,
+             exact: bool, backend: str) -> torch.Tensor:
+    return _grad(grad, weight, mask, None, beta, lam, exact, backend)
+
+
+# The same gradient with the once-per-step flag: a second op rather than an optional mutated
+# argument, which inductor cannot lower when it is None (torch 2.13).
+@torch.library.custom_op("optimlib::nm_grad_once", mutates_args=("pending",))
+def _grad_once_op(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, pending: torch.Tensor, beta: float,
+                  lam: float, exact: bool, backend: str) -> torch.Tensor:
+    out = _grad(grad, weight, mask, pending, beta, lam, exact, backend)
+    pending.fill_(False)                                 # after the read above, in stream order
+    return out
+
+
+_grad_op.register_fake(_grad_fake)
+_grad_once_op.register_fake(_grad_fake)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -179,12 +209,22 @@ def nm_mask_apply(weight: torch.Tensor, n: int, m: int, beta: float = 0.0, *,
 
 
 def nm_grad(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, *, beta: float = 0.0,
-            lam: float = 0.0, exact: bool = False, backend: str | None = None) -> torch.Tensor:
+            lam: float = 0.0, exact: bool = False, pending: torch.Tensor | None = None,
+            backend: str | None = None) -> torch.Tensor:
     """The weight's gradient: ``g * s`` (``exact``) or ``g`` (straight-through), plus
-    ``lam * (1 - mask) * W`` (SR-STE) when ``lam != 0`` (``weight`` may be ``None`` otherwise)."""
+    ``lam * (1 - mask) * W`` (SR-STE) when ``lam != 0`` (``weight`` may be ``None`` otherwise).
+
+    ``pending`` (optional, a 0-d bool tensor on the gradient's device): the SR-STE term is added
+    only if it is True, and the op sets it to False (the once-per-step flag of the N:M layer)."""
     if weight is None and lam:
         raise ValueError("the SR-STE term (lam != 0) needs the weight")
     if grad.shape != mask.shape or (weight is not None and weight.shape != grad.shape) or mask.dtype != torch.bool:
         raise ValueError(f"grad {tuple(grad.shape)}, weight {None if weight is None else tuple(weight.shape)} and "
                          f"a bool mask {tuple(mask.shape)} ({mask.dtype}) must have one shape")
-    return _grad_op(grad, weight, mask, float(beta), float(lam), bool(exact), resolve_backend(backend))
+    if pending is not None and (pending.shape != () or pending.dtype != torch.bool):
+        raise ValueError(f"pending must be a 0-d bool tensor, got shape {tuple(pending.shape)} ({pending.dtype})")
+    if pending is None:
+        return _grad_op(grad, weight, mask, float(beta), float(lam), bool(exact), resolve_backend(backend))
+    if weight is None:
+        raise ValueError("pending (the once-per-step SR-STE flag) needs the weight")
+    return _grad_once_op(grad, weight, mask, pending, float(beta), float(lam), bool(exact), resolve_backend(backend))

@@ -22,12 +22,21 @@ Ops:
     from the accumulator and writes ``nnz`` numbers.  (The eager path transiently holds the
     dense ``dW``: 180 MB in fp32 for a 4096 x 11008 layer.)
 
-Reference twins: the eager lines of ``compose_weight`` and ``_SparseLowRankLinearFn.backward``
-(dense ``dW`` included), bit-identical to the module.  Kernels agree with them to rounding
-(summation order).  Precondition of the kernels: ``indices`` sorted ascending and distinct, as
-``sample_support`` makes them (the twin's ``index_add_`` would also accept duplicates).
+Reference twins: ``B @ A_s`` then an ``index_add_`` of the values, and the dense ``dW = dy^T x``
+with ``dB = dW A_s^T``, ``dA_s = B^T dW``, ``dvalues = dW[indices]`` (the scheme of SLTrain's C++
+extension, in eager PyTorch; any floating dtype, float64 included, so ``gradcheck`` runs through
+them).  The SLTrain layer calls these ops and has no maths of its own, so on CPU it *is* the twin;
+its gradients equal plain autograd through the dense ``B A_s + S`` (tests).  Kernels agree with the
+twins to rounding (summation order).  Precondition of the kernels: ``indices`` sorted ascending and
+distinct, as ``sample_support`` makes them (the twin's ``index_add_`` would also accept duplicates).
+
+Autocast: both ops run with autocast off, so the output dtypes are the ones the fake
+implementations state (``W`` in ``B``'s dtype; ``dB``, ``dA_s`` in the factors' dtypes, ``dvalues``
+in ``dy``'s), eager or compiled, CPU or GPU.  A caller that wants the product in autocast's dtype
+casts the factors first (the SLTrain layer does, as autocast would have cast the matmul).
 """
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -41,7 +50,7 @@ __all__ = ["sltrain_compose", "sltrain_grads", "sltrain_compose_reference", "slt
 # ----------------------------------------------------------------------------- reference twins
 def sltrain_compose_reference(B: torch.Tensor, A_scaled: torch.Tensor, values: torch.Tensor | None,
                               indices: torch.Tensor | None) -> torch.Tensor:
-    """``compose_weight``'s eager lines: ``B @ A_s``, then ``index_add_`` of the values."""
+    """``B @ A_s``, then ``index_add_`` of the values (cast to ``W``'s dtype) at their flat positions."""
     W = B @ A_scaled
     if values is not None and values.numel():
         W.view(-1).index_add_(0, indices, values.to(W.dtype))
@@ -51,7 +60,8 @@ def sltrain_compose_reference(B: torch.Tensor, A_scaled: torch.Tensor, values: t
 def sltrain_grads_reference(dy: torch.Tensor, x: torch.Tensor, B: torch.Tensor, A_scaled: torch.Tensor,
                             indices: torch.Tensor | None, need_b: bool, need_a: bool,
                             need_v: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``_SparseLowRankLinearFn.backward``'s eager lines (with the transient dense ``dW``)."""
+    """``dB = dW A_s^T``, ``dA_s = B^T dW``, ``dvalues = dW[indices]`` through the transient dense
+    ``dW = dy^T x`` (in ``dy``'s dtype; ``dB``, ``dA_s`` cast to the factors' dtypes)."""
     dW = dy.t() @ x.to(dy.dtype)
     dB = (dW @ A_scaled.to(dW.dtype).t()).to(B.dtype) if need_b else None
     dA = (B.to(dW.dtype).t() @ dW).to(A_scaled.dtype) if need_a else None
@@ -200,12 +210,23 @@ def _grads_triton(dy, x, B, A_s, indices, need_b, need_a, need_v):
 
 
 # ----------------------------------------------------------------------------- ops
+def _autocast_off(t: torch.Tensor):
+    """Autocast disabled for ``t``'s device type while an op runs (custom ops are not autocast
+    ops: the dispatcher passes autocast's state through to their implementation, where it would
+    turn the twin's matmuls into half-precision ones that the fake implementation knows nothing of)."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @torch.library.custom_op("optimlib::sltrain_compose", mutates_args=())
 def _compose_op(B: torch.Tensor, A_scaled: torch.Tensor, values: Optional[torch.Tensor],
                 indices: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     if use_triton(backend, (B, A_scaled, values, indices)):
         return _compose_triton(B, A_scaled, values, indices)
-    return sltrain_compose_reference(B, A_scaled, values, indices)
+    with _autocast_off(B):
+        return sltrain_compose_reference(B, A_scaled, values, indices)
 
 
 @_compose_op.register_fake
@@ -222,10 +243,11 @@ def _grads_op(dy: torch.Tensor, x: torch.Tensor, B: torch.Tensor, A_scaled: torc
               indices: Optional[torch.Tensor], need_b: bool, need_a: bool, need_v: bool,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (dy, x, B, A_scaled, indices, need_b, need_a, need_v and indices is not None)
-    if use_triton(backend, (dy, x, B, A_scaled, indices)):
-        dB, dA, dv = _grads_triton(*args)
-    else:
-        dB, dA, dv = sltrain_grads_reference(*args)
+    with _autocast_off(dy):
+        if use_triton(backend, (dy, x, B, A_scaled, indices)):
+            dB, dA, dv = _grads_triton(*args)       # (its thin GEMMs are eager matmuls)
+        else:
+            dB, dA, dv = sltrain_grads_reference(*args)
     return (_empty(dy, B.dtype) if dB is None else dB, _empty(dy, A_scaled.dtype) if dA is None else dA,
             _empty(dy, dy.dtype) if dv is None else dv)
 

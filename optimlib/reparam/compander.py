@@ -32,6 +32,13 @@ exactly (solved by bisection on the tensor).  The effective initial weights thus
 original initialiser's variance (``saturation`` must exceed 1 for that to be possible);
 ``preserve_variance=False`` skips the scaling and only clamps.  On the meta device nothing can be
 measured: pass ``init_std`` (then ``a = saturation * init_std`` and the weight is left alone).
+
+Kernel.  Forward and backward are the custom op :func:`optimlib.kernels.compander` (computed as
+``a * tanh(theta * (k / a))`` with ``a``, ``k`` in the weight's dtype; gradients of ``theta``, ``a``
+and ``k`` in one pass; a Triton kernel on CUDA, its eager twin on CPU).  The backward recomputes
+``tanh`` from ``theta``, so no weight-sized tensor is kept between forward and backward (autograd
+of the plain expression keeps ``tanh(c theta)``); ``log a``, ``log k`` get their gradients through
+``exp`` by autograd, outside the op.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from optimlib.kernels import compander
 from optimlib.reparam import register_reparam
 
 _MARGIN = 1e-4  # right_inverse clamps W/a to +-(1 - _MARGIN)
@@ -73,8 +81,7 @@ class Compander(nn.Module):
         return self.log_slope.exp()
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        a = self.scale.to(theta.dtype)
-        return a * torch.tanh(theta * (self.slope.to(theta.dtype) / a))
+        return compander(theta, self.scale, self.slope)
 
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,16 @@ like a weight decay: with gradient accumulation over ``k`` micro-batches the ste
 ``mean(g) + lambda * (1 - m) * W``, not ``k`` times the term (the reference adds it in every
 backward, which only agrees without accumulation), and data-parallel ranks, which each add it
 once, average to the same value.  So a training loop must call ``after_step`` after every
-optimizer step (``launch/pretrain.py``'s loop does; the mdgf/sdgf schedules need it too).
+optimizer step (``launch/pretrain.py``'s loop does; the mdgf/sdgf schedules need it too).  The
+once-per-step flag is a 0-d bool buffer (not in the state dict) that the backward op clears
+and ``after_step`` sets: a tensor, not a Python attribute, so that ``torch.compile`` traces the
+backward without a graph break and no host sync is needed.
+
+Kernels.  Mask and application are one op, :func:`optimlib.kernels.nm_mask_apply`, and the
+backward of every recipe is :func:`optimlib.kernels.nm_grad` (Triton kernels on CUDA, their eager
+twins on CPU): the parametrization has no maths of its own, so it computes the same on every
+device and compiles without graph breaks.  The backward keeps the mask (1 byte per weight), and
+the weight when there is an SR-STE term.
 
 ``grad_mode="exact"`` gives any recipe the true gradient of its forward (pruned weights then get
 ``beta * g``, i.e. nothing under a binary mask).
@@ -83,6 +92,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from optimlib.kernels import nm_grad, nm_mask_apply
 from optimlib.reparam import register_reparam
 
 RECIPES = ("ste", "srste", "mdgf", "sdgf")
@@ -95,13 +105,9 @@ SRSTE_LAMBDA = 2e-4  # SR-STE's default decay (Zhou et al. 2021)
 # ----------------------------------------------------------------------------- the mask
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Boolean mask keeping the ``n`` largest ``|weight|`` of every ``m`` consecutive entries
-    of each row: exactly ``n`` per group, ties to the lower index (a stable sort), so the mask is
-    the same on every device and rank."""
-    if weight.shape[-1] % m:
-        raise ValueError(f"the last dimension ({weight.shape[-1]}) is not a multiple of m={m}")
-    groups = weight.detach().abs().reshape(-1, m)
-    keep = groups.argsort(dim=1, descending=True, stable=True)[:, :n]
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True).reshape(weight.shape)
+    of each row: exactly ``n`` per group, ties to the lower index, so the mask is the same on
+    every device and rank (the mask of :func:`optimlib.kernels.nm_mask_apply`)."""
+    return nm_mask_apply(weight.detach(), n, m)[1]
 
 
 def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
@@ -112,30 +118,25 @@ def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """``W~ = W * where(mask, 1, beta)`` with the backward chosen by the recipe:
-    ``dW = g`` (straight-through) or ``g * where(mask, 1, beta)`` (exact), plus, once per
-    optimizer step, ``lam * (1 - mask) * W`` (SR-STE; ``owner`` holds the once-per-step flag)."""
+    """``W~ = W * where(mask, 1, beta)`` for the ``n:m`` mask of ``W``, with the backward chosen
+    by the recipe: ``dW = g`` (straight-through) or ``g * where(mask, 1, beta)`` (``exact``),
+    plus ``lam * (1 - mask) * W`` (SR-STE) if ``pending`` (a 0-d bool tensor, or None: always)
+    is set, which the backward then clears."""
 
     @staticmethod
-    def forward(ctx, weight, mask, beta: float, lam: float, exact: bool, owner):
-        ctx.beta, ctx.lam, ctx.exact, ctx.owner = beta, lam, exact, owner
+    def forward(ctx, weight, pending, n: int, m: int, beta: float, lam: float, exact: bool):
+        out, mask = nm_mask_apply(weight, n, m, beta)
+        ctx.beta, ctx.lam, ctx.exact = beta, lam, exact
         ctx.save_for_backward(mask, weight if lam else None)
-        return weight * _scale(mask, beta, weight.dtype)
+        ctx.pending = pending  # not saved: the backward mutates it (no version check wanted)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         mask, weight = ctx.saved_tensors
-        out = grad * _scale(mask, ctx.beta, grad.dtype) if ctx.exact else grad
-        if ctx.lam and ctx.owner._decay_pending:
-            ctx.owner._decay_pending = False
-            out = out + ctx.lam * weight.masked_fill(mask, 0)
-        return out, None, None, None, None, None
-
-
-def _scale(mask: torch.Tensor, beta: float, dtype: torch.dtype) -> torch.Tensor:
-    if beta == 0.0:
-        return mask.to(dtype)
-    return torch.where(mask, 1.0, beta).to(dtype)
+        dw = nm_grad(grad, weight, mask, beta=ctx.beta, lam=ctx.lam, exact=ctx.exact,
+                     pending=ctx.pending if ctx.lam else None)
+        return dw, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -308,7 +309,9 @@ class NMSparsity(nn.Module):
         self.exact = grad_mode == "exact"
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self._position = 0  # Python mirror of ``step``: no device sync in forward
-        self._decay_pending = True  # the SR-STE term is still to be added in this optimizer step
+        self._state = schedule.state(0)  # replaced only when the schedule changes it (see current)
+        # The SR-STE term is still to go into this optimizer step's gradient (cleared by the backward).
+        self.register_buffer("decay_pending", torch.ones((), dtype=torch.bool), persistent=False)
 
     @property
     def n(self) -> int:
@@ -319,26 +322,36 @@ class NMSparsity(nn.Module):
         return self.schedule.m
 
     def current(self) -> NMState:
-        """The state the next training forward applies."""
-        return self.schedule.state(self._position)
+        """The state the next training forward applies.  Held, not recomputed from the step in the
+        forward, so that ``torch.compile`` guards on the state rather than on the step count and
+        recompiles only when the state changes (never for ste/srste; mdgf's beta changes every
+        step of its decay window)."""
+        return self._state
+
+    def _set_position(self, position: int) -> None:
+        self._position = position
+        state = self.schedule.state(position)
+        if state != self._state:
+            self._state = state
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
-            return weight * nm_mask(weight, self.n, self.m)  # evaluation / export: the target mask
+            # evaluation / export: W * m with the target mask (differentiable: dW = g * m)
+            return _MaskedWeight.apply(weight, None, self.n, self.m, 0.0, 0.0, True)
         st = self.current()
         if st.dense:
             return weight
-        return _MaskedWeight.apply(weight, nm_mask(weight, st.n, st.m), st.beta, self.srste_lambda, self.exact, self)
+        return _MaskedWeight.apply(weight, self.decay_pending, st.n, st.m, st.beta, self.srste_lambda, self.exact)
 
     def after_step(self, optimizer=None) -> None:
         """Advance the schedule by one optimizer step (and re-arm the SR-STE term)."""
-        self._position += 1
-        self._decay_pending = True
+        self._set_position(self._position + 1)
+        self.decay_pending.fill_(True)
         self.step.fill_(self._position)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._position = int(self.step)
+        self._set_position(int(self.step))
 
     def extra_repr(self) -> str:
         s = self.schedule

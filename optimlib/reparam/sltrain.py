@@ -22,11 +22,16 @@ parameter, and the forward sees the gathered ``values`` so the global positions 
 
 Memory: a custom ``autograd.Function`` composes the dense ``W`` in forward, uses it for the
 GEMM and frees it; it saves only ``x``, ``B``, ``alpha/r * A``, ``values`` and the indices.
-Backward composes ``W`` again for ``dx`` and forms the dense ``dW = dyᵀ x`` transiently to get
-``dB = dW Aᵀ``, ``dA = Bᵀ dW`` and ``dvalues = dW[indices]`` — the scheme of the reference C++
-extension, written here in plain PyTorch.  A plain parametrization ``F.linear(x, W(θ))`` would
-keep one dense ``W`` per layer alive from forward to backward.  FLOPs are those of a dense
-layer plus one ``B @ A`` per forward and per backward.
+Backward composes ``W`` again for ``dx`` and gets ``dB = dW Aᵀ``, ``dA = Bᵀ dW`` and
+``dvalues = dW[indices]`` (``dW = dyᵀ x``) — the scheme of the reference C++ extension.  Both steps
+are the custom ops :func:`optimlib.kernels.sltrain_compose` and :func:`optimlib.kernels.sltrain_grads`
+(CUDA: Triton kernels that add ``S`` in the GEMM's epilogue and never form ``dW``; CPU: their
+eager twins, which form ``dW`` transiently), so the layer runs the same code above the op on
+every device, and ``torch.compile`` traces it whole.  A plain parametrization ``F.linear(x, W(θ))``
+would keep one dense ``W`` per layer alive from forward to backward.  FLOPs are those of a dense
+layer plus one ``B @ A`` per forward and per backward.  Under autocast ``W`` is composed from
+factors cast to autocast's dtype (what autocast does to the ``B @ A`` matmul), so no ``fp32`` copy
+of ``W`` is made.
 
 ``lowrank`` is the same layer with ``density=0``: ``W = (alpha / r) B A`` (the paper's
 "Low-Rank" baseline).  Its one difference in init: ``B`` is Kaiming-uniform too
@@ -49,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimlib.kernels import sltrain_compose, sltrain_grads
 from optimlib.reparam import register_reparam
 from optimlib.reparam._lowrank import check_fraction, check_int, count_of, dense_linear, layer_generator
 
@@ -76,13 +82,15 @@ def sample_support(total: int, nnz: int, generator: torch.Generator) -> torch.Te
     return torch.sort(chosen).values.to(dtype)
 
 
-def compose_weight(B: torch.Tensor, A_scaled: torch.Tensor, values: torch.Tensor | None,
-                   indices: torch.Tensor | None) -> torch.Tensor:
-    """Dense ``B @ A_scaled + scatter(values, indices)`` (not differentiable: no autograd)."""
-    W = B @ A_scaled
-    if values is not None and values.numel():
-        W.view(-1).index_add_(0, indices, values.to(W.dtype))
-    return W
+def _compose(B: torch.Tensor, A_scaled: torch.Tensor, values: torch.Tensor | None,
+             indices: torch.Tensor | None) -> torch.Tensor:
+    """Dense ``B @ A_scaled + S`` for the layer's GEMM (no autograd), in autocast's dtype when
+    autocast is on for the factors' device (fp64 is left alone, as autocast leaves it)."""
+    device_type = B.device.type
+    if torch.is_autocast_enabled(device_type) and B.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+        B, A_scaled = B.to(dtype), A_scaled.to(dtype)
+    return sltrain_compose(B, A_scaled, values, indices)
 
 
 class _SparseLowRankLinearFn(torch.autograd.Function):
@@ -91,8 +99,7 @@ class _SparseLowRankLinearFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, B, A_scaled, values, indices, bias):
-        W = compose_weight(B, A_scaled, values, indices)
-        y = F.linear(x, W, bias)
+        y = F.linear(x, _compose(B, A_scaled, values, indices), bias)
         ctx.save_for_backward(x, B, A_scaled, values, indices)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -104,21 +111,15 @@ class _SparseLowRankLinearFn(torch.autograd.Function):
         need_x, need_b, need_a, need_v, _, need_bias = ctx.needs_input_grad
         dx = dB = dA = dvalues = dbias = None
         if need_x:
-            W = compose_weight(B, A_scaled, values, indices)
-            dx = (dy @ W.to(dy.dtype)).to(x.dtype)
-            del W
+            dx = (dy @ _compose(B, A_scaled, values, indices).to(dy.dtype)).to(x.dtype)
+        dy2 = dy.reshape(-1, dy.size(-1))
         if need_b or need_a or need_v:
-            dy2 = dy.reshape(-1, dy.size(-1))
-            dW = dy2.t() @ x.reshape(-1, x.size(-1)).to(dy2.dtype)  # (d_out, d_in), transient
-            if need_b:
-                dB = (dW @ A_scaled.to(dW.dtype).t()).to(B.dtype)
-            if need_a:
-                dA = (B.to(dW.dtype).t() @ dW).to(A_scaled.dtype)
-            if need_v:
-                dvalues = dW.view(-1).index_select(0, indices).to(values.dtype)
-            del dW
+            dB, dA, dvalues = sltrain_grads(dy2, x.reshape(-1, x.size(-1)), B, A_scaled, indices, need_b=need_b,
+                                            need_a=need_a, need_v=need_v)
+            if dvalues is not None:
+                dvalues = dvalues.to(values.dtype)
         if need_bias and ctx.bias_dtype is not None:
-            dbias = dy.reshape(-1, dy.size(-1)).sum(0).to(ctx.bias_dtype)
+            dbias = dy2.sum(0).to(ctx.bias_dtype)
         return dx, dB, dA, dvalues, None, dbias
 
 
@@ -214,8 +215,8 @@ class SparseLowRankLinear(nn.Module):
         return sparse_lowrank_linear(x, self.B, self.A * self.scale, self.values, self.indices, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        """``(alpha/r) B A + S`` as a dense tensor, differentiable by plain autograd (the naive
-        parametrization; used by :meth:`merged` and as the reference in tests)."""
+        """``(alpha/r) B A + S`` as a dense tensor, differentiable by plain autograd: the naive
+        parametrization, an independent reference for the layer's own autograd function (tests)."""
         W = self.B @ (self.A * self.scale)
         if self.values is not None:
             W = W.reshape(-1).index_add(0, self.indices, self.values).view(self.out_features, self.in_features)
@@ -223,7 +224,8 @@ class SparseLowRankLinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        return dense_linear(self.dense_weight(), self.bias)
+        """A dense ``nn.Linear`` holding the weight the forward composes (the same op)."""
+        return dense_linear(sltrain_compose(self.B, self.A * self.scale, self.values, self.indices), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -246,5 +248,5 @@ register_reparam("sltrain", _convert_sltrain,
 register_reparam("lowrank", _convert_lowrank,
                  description="plain low-rank W = (alpha/r) B A (SLTrain with density 0)")
 
-__all__ = ["SparseLowRankLinear", "compose_weight", "sample_support", "sltrain_parameter_count",
+__all__ = ["SparseLowRankLinear", "sample_support", "sltrain_parameter_count",
            "sparse_lowrank_linear"]

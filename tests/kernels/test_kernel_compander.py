@@ -1,10 +1,13 @@
-"""Weight compander forward/backward: kernel vs twin, twin vs the module's autograd."""
+"""Weight compander forward/backward: kernel vs twin, twin vs autograd of the plain expression,
+and the parametrization running through the op."""
 
 import pytest
 import torch
+from torch import nn
 
-from optimlib.kernels import compander
-from optimlib.reparam.compander import Compander
+from optimlib.kernels import _dispatch, compander
+from optimlib.kernels.compander import _backward_kernel, _forward_kernel
+from optimlib.reparam.compander import compand
 
 
 def _run(theta0, g, log_a, log_k, backend):
@@ -41,17 +44,40 @@ def test_kernel_tanh_accuracy():
     assert float(err.max()) < 4e-7                                 # a few ulp
 
 
-def test_reference_path_is_the_module_bitwise():
+def test_reference_path_is_autograd_of_the_expression_bitwise():
+    """The twin against autograd of ``a * tanh(theta * (k / a))`` with ``a = exp(log a)``,
+    ``k = exp(log k)`` (what the compander computed before the op): equal to the last bit."""
     torch.manual_seed(1)
-    mod = Compander(0.7, 2.5, learnable=True)
+    log_a = torch.tensor([0.7]).log().requires_grad_()
+    log_k = torch.tensor([2.5]).log().requires_grad_()
     theta = (torch.randn(8, 12) * 0.5).requires_grad_()
     g = torch.randn(8, 12)
-    W = mod(theta)
+    a = log_a.exp()
+    W = a * torch.tanh(theta * (log_k.exp() / a))
     W.backward(g)
-    got = _run(theta, g, mod.log_scale, mod.log_slope, "reference")
+    got = _run(theta, g, log_a, log_k, "reference")
     assert torch.equal(got[0], W.detach())
     assert torch.equal(got[1], theta.grad)
-    assert torch.equal(got[2], mod.log_scale.grad) and torch.equal(got[3], mod.log_slope.grad)
+    assert torch.equal(got[2], log_a.grad) and torch.equal(got[3], log_k.grad)
+
+
+def test_parametrization_runs_through_the_op(monkeypatch, tol):
+    """With the Triton backend forced, the compander's forward and backward launch the kernels
+    (the parametrization has no maths of its own), agreeing with the reference path."""
+    def run(backend):
+        monkeypatch.setenv("OPTIMLIB_KERNELS", backend)
+        torch.manual_seed(0)
+        lin = compand(nn.Linear(12, 6), saturation=3.0, slope=2.0, learnable=True)
+        with _dispatch.recording_launches() as launches:
+            (lin(torch.randn(4, 12)) * torch.randn(4, 6)).sum().backward()
+        return [k for k, *_ in launches], [p.grad for p in lin.parametrizations.weight.parameters()]
+
+    kernels, got = run("triton")
+    assert kernels == [_forward_kernel, _backward_kernel]
+    none, want = run("reference")
+    assert none == [] and len(want) == 3                          # theta, log a, log k
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol(torch.float32, 10))
 
 
 def test_frozen_hyperparameters_skip_their_sums():

@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from optimlib.kernels import nm_grad, nm_mask_apply
-from optimlib.reparam.nm import _MaskedWeight, nm_mask
+from torch import nn
+
+from optimlib import reparam
+from optimlib.kernels import _dispatch, nm_grad, nm_mask_apply
+from optimlib.kernels.nm import _grad_kernel, _mask_kernel
+from optimlib.reparam.nm import nm_sparsify
 
 
 def _weight(rows, cols, dtype, device, seed=0):
@@ -32,7 +36,8 @@ def test_tie_rule_and_library_mask():
     _, mask = nm_mask_apply(W, 2, 4, backend="triton")
     assert mask[0, :4].tolist() == [True, True, False, False]      # equal magnitudes: lower index wins
     assert mask[1, :4].tolist() == [True, True, False, False]
-    assert torch.equal(mask[2:], nm_mask(W, 2, 4)[2:])            # no ties: torch.topk's mask
+    kept = W[2:].abs().reshape(-1, 4).topk(2, dim=1).indices       # no ties: torch.topk's mask
+    assert torch.equal(mask[2:].reshape(-1, 4), torch.zeros(kept.shape[0], 4, dtype=torch.bool).scatter_(1, kept, True))
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (0, 8), (3, 5, 8)])
@@ -57,20 +62,67 @@ def test_grad_matches_twin_bitwise(device, dtype, exact, lam, beta):
         assert torch.equal(nm_grad(g, None, mask, beta=beta, exact=exact, backend="triton"), d_r)
 
 
-@pytest.mark.parametrize("exact,lam,beta", [(False, 2e-4, 0.0), (True, 2e-4, 0.25)])
-def test_reference_path_is_the_parametrization_bitwise(exact, lam, beta):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("due", [True, False])
+def test_pending_flag_gates_the_srste_term_and_is_cleared(device, dtype, due):
+    W = _weight(9, 16, dtype, device, seed=2)
+    g = torch.randn(9, 16, device=device).to(dtype)
+    _, mask = nm_mask_apply(W, 2, 4, backend="reference")
+    want = nm_grad(g, W, mask, lam=0.01 if due else 0.0, backend="reference")
+    for backend in ("triton", "reference"):
+        pending = torch.tensor(due, device=device)
+        got = nm_grad(g, W, mask, lam=0.01, pending=pending, backend=backend)
+        assert torch.equal(got, want) and not bool(pending)
+
+
+@pytest.mark.parametrize("exact,lam,beta", [(False, 2e-4, 0.0), (True, 2e-4, 0.25), (True, 0.0, 0.25)])
+def test_reference_path_is_the_hand_formula_bitwise(exact, lam, beta):
+    """The twins against the rule written out with plain tensor ops (autograd of ``W * s`` for
+    ``exact``) and a ``torch.topk`` mask (no ties in a random weight)."""
     W = torch.randn(8, 16, requires_grad=True)
     g = torch.randn(8, 16)
+    groups = W.detach().abs().reshape(-1, 4)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, dim=1).indices, True)
+    mask = mask.reshape(W.shape)
+    s = torch.where(mask, 1.0, beta)
+    (W * s).backward(g)
+    out, our_mask = nm_mask_apply(W.detach(), 2, 4, beta, backend="reference")
+    assert torch.equal(our_mask, mask) and torch.equal(out, W.detach() * s)
+    want = (W.grad if exact else g) + lam * W.detach() * ~mask
+    assert torch.equal(nm_grad(g, W.detach(), mask, beta=beta, lam=lam, exact=exact, backend="reference"), want)
 
-    class Owner:
-        _decay_pending = True
 
-    mask = nm_mask(W, 2, 4)
-    out = _MaskedWeight.apply(W, mask, beta, lam, exact, Owner())
-    out.backward(g)
-    ours, our_mask = nm_mask_apply(W.detach(), 2, 4, beta, backend="reference")
-    assert torch.equal(our_mask, mask) and torch.equal(ours, out.detach())
-    assert torch.equal(nm_grad(g, W.detach(), mask, beta=beta, lam=lam, exact=exact, backend="reference"), W.grad)
+def test_parametrization_runs_through_the_ops(monkeypatch):
+    """The N:M layer has no maths of its own: with the Triton backend forced its forward launches
+    the mask kernel and its backward the gradient kernel, with the reference path's results bit
+    for bit -- and SR-STE's term once per optimizer step, in the first backward."""
+    torch.manual_seed(0)
+    x, c = torch.randn(5, 16), torch.randn(5, 8)
+
+    def run(backend):
+        monkeypatch.setenv("OPTIMLIB_KERNELS", backend)
+        lin = nm_sparsify(nn.Linear(16, 8), n=2, m=4, recipe="srste", srste_lambda=0.1)
+        with torch.no_grad():
+            lin.parametrizations.weight.original.copy_(torch.arange(128.0).reshape(8, 16).sin())
+        weight, grads = lin.parametrizations.weight.original, []
+        with _dispatch.recording_launches() as launches:
+            for step in range(2):
+                for _ in range(2):                        # two micro-batches per step
+                    (lin(x) * c).sum().backward()
+                grads.append(weight.grad.clone())
+                weight.grad = None
+                reparam.after_step(lin)
+        return [k for k, *_ in launches], grads
+
+    kernels, got = run("triton")
+    assert kernels == [_mask_kernel, _grad_kernel] * 4
+    none, want = run("reference")
+    assert none == [] and all(torch.equal(a, b) for a, b in zip(got, want))
+    g_once = 2 * (c.t() @ x)                                    # straight-through: sum of dL/dW~
+    W = torch.arange(128.0).reshape(8, 16).sin()
+    _, mask = nm_mask_apply(W, 2, 4, backend="reference")
+    for grad in want:                                          # the term once per step, not twice
+        torch.testing.assert_close(grad, g_once + 0.1 * W * ~mask)
 
 
 def test_errors():
@@ -86,6 +138,8 @@ def test_opcheck(op):
     if op == "mask":
         torch.library.opcheck(torch.ops.optimlib.nm_mask_apply.default, (W, 2, 4, 0.1, "triton"))
     else:
-        mask = nm_mask(W, 2, 4)
+        _, mask = nm_mask_apply(W, 2, 4, backend="reference")
         torch.library.opcheck(torch.ops.optimlib.nm_grad.default, (torch.randn(4, 8), W, mask, 0.1, 2e-4, True,
                                                                    "triton"))
+        torch.library.opcheck(torch.ops.optimlib.nm_grad_once.default,
+                              (torch.randn(4, 8), W, mask, torch.tensor(True), 0.1, 2e-4, True, "triton"))
