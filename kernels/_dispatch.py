@@ -71,6 +71,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 __all__ = ["ENV_VAR", "BACKENDS", "HAS_TRITON", "triton", "tl", "jit", "resolve_backend", "use_triton", "launch",
            "recording_launches", "compile_for_cuda", "interpreted", "round_through", "cast_rn", "dot_precision",
+           "tile_indices", "tile_matmul",
            "interpreter_enabled", "next_pow2", "cdiv", "as_2d", "index_dtype", "KernelUnavailable"]
 
 
@@ -272,6 +273,26 @@ def tile_indices(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.cons
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
     return pid_m, pid_n
+
+
+@jit
+def tile_matmul(x_ptr, y_ptr, rm, rn, M, N, K, sx0, sx1, sy0, sy1, PRECISION: tl.constexpr,
+                DOT_UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The fp32 ``(BM, BN)`` tile ``X[rm, :] @ Y[:, rn]`` of an ``(M, K) @ (K, N)`` product
+    (strides ``sx*``, ``sy*``; out-of-range rows, columns and ``k`` read as zero)."""
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * sx0 + kk[None, :] * sx1, mask=(rm[:, None] < M) & (kk[None, :] < K),
+                    other=0.0)
+        y = tl.load(y_ptr + kk[:, None] * sy0 + rn[None, :] * sy1, mask=(kk[:, None] < K) & (rn[None, :] < N),
+                    other=0.0)
+        if DOT_UPCAST:  # interpreter: its tl.dot does not decode bf16
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+    return acc
 
 
 @jit

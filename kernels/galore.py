@@ -26,7 +26,8 @@ cuBLAS / MKL, so kernel and twin agree to rounding, not bitwise.
 import torch
 
 from optimlib.kernels._dispatch import (cast_rn, cdiv, dot_precision, index_dtype, interpreted, jit, launch,
-                                        next_pow2, resolve_backend, round_through, tile_indices, tl, use_triton)
+                                        next_pow2, resolve_backend, round_through, tile_indices, tile_matmul, tl,
+                                        use_triton)
 
 __all__ = ["galore_backproject_update_", "galore_backproject_reference"]
 
@@ -55,18 +56,7 @@ def _backproject_kernel(w_ptr, a_ptr, b_ptr, M, N, K, sw0, sw1, sa0, sa1, sb0, s
     pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(IDX)
     rn = (pid_n * BN + tl.arange(0, BN)).to(IDX)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * sa0 + kk[None, :] * sa1, mask=(rm[:, None] < M) & (kk[None, :] < K),
-                    other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * sb0 + rn[None, :] * sb1, mask=(kk[:, None] < K) & (rn[None, :] < N),
-                    other=0.0)
-        if DOT_UPCAST:  # interpreter: its tl.dot does not decode bf16
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = tile_matmul(a_ptr, b_ptr, rm, rn, M, N, K, sa0, sa1, sb0, sb1, PRECISION, DOT_UPCAST, BM, BN, BK)
     udt = a_ptr.dtype.element_ty
     wdt = w_ptr.dtype.element_ty
     u = round_through(round_through(acc, udt) * scale, udt)        # torch.matmul(A, B) * scale

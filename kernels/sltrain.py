@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 
 from optimlib.kernels._dispatch import (cast_rn, cdiv, dot_precision, index_dtype, interpreted, jit, launch, next_pow2,
-                                        resolve_backend, round_through, tile_indices, tl, use_triton)
+                                        resolve_backend, round_through, tile_indices, tile_matmul, tl, use_triton)
 
 __all__ = ["sltrain_compose", "sltrain_grads", "sltrain_compose_reference", "sltrain_grads_reference"]
 
@@ -92,18 +92,7 @@ def _compose_kernel(b_ptr, a_ptr, v_ptr, idx_ptr, w_ptr, M, N, K, nnz, steps, sb
     pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(IDX)
     rn = (pid_n * BN + tl.arange(0, BN)).to(IDX)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        b = tl.load(b_ptr + rm[:, None] * sb0 + kk[None, :] * sb1, mask=(rm[:, None] < M) & (kk[None, :] < K),
-                    other=0.0)
-        a = tl.load(a_ptr + kk[:, None] * sa0 + rn[None, :] * sa1, mask=(kk[:, None] < K) & (rn[None, :] < N),
-                    other=0.0)
-        if DOT_UPCAST:  # interpreter: its tl.dot does not decode bf16
-            b = b.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(b, a, acc, input_precision=PRECISION)
+    acc = tile_matmul(b_ptr, a_ptr, rm, rn, M, N, K, sb0, sb1, sa0, sa1, PRECISION, DOT_UPCAST, BM, BN, BK)
     wdt = w_ptr.dtype.element_ty
     acc = round_through(acc, wdt)                                # W = B @ A_s (in W's dtype)
     tl.store(w_ptr + rm[:, None] * N + rn[None, :], acc.to(wdt), mask=(rm[:, None] < M) & (rn[None, :] < N))
@@ -139,18 +128,8 @@ def _sampled_kernel(dy_ptr, x_ptr, idx_ptr, out_ptr, T, M, N, nnz, steps, sdy0, 
     end = _lower_bound(idx_ptr, nnz, rm * N + tl.minimum(n0 + BN, N), steps)
     count = tl.max(tl.where(row_ok, end - start, 0), axis=0)
     if count > 0:
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, T, BK):
-            kk = k0 + rk
-            a = tl.load(dy_ptr + kk[None, :] * sdy0 + rm[:, None] * sdy1, mask=row_ok[:, None] & (kk[None, :] < T),
-                        other=0.0)
-            b = tl.load(x_ptr + kk[:, None] * sx0 + rn[None, :] * sx1, mask=(kk[:, None] < T) & (rn[None, :] < N),
-                        other=0.0)
-            if DOT_UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # dY^T @ X on the tile: dY (T, M) read transposed through its strides
+        acc = tile_matmul(dy_ptr, x_ptr, rm, rn, M, N, T, sdy1, sdy0, sx0, sx1, PRECISION, DOT_UPCAST, BM, BN, BK)
         odt = out_ptr.dtype.element_ty
         for q0 in range(0, count, CH):
             pos = start[:, None] + q0 + tl.arange(0, CH)[None, :]
