@@ -138,12 +138,18 @@ class Engine:
             kwargs["per_parameter_groups"] = True
         return kwargs
 
-    def build_optimizer(self, model: nn.Module, per_parameter_groups: bool = False):
+    @contextlib.contextmanager
+    def _optim_kwargs_checked(self):
+        """A constructor's ``TypeError`` (an unknown or mistyped keyword) becomes a config error."""
         try:
-            return create_optimizer(model, self.cfg.optim.name, **self._optimizer_kwargs(per_parameter_groups))
+            yield
         except TypeError as exc:
             raise ConfigError(f"config section 'optim' (optim.kwargs) does not fit optimizer "
                               f"{self.cfg.optim.name!r}: {exc}") from None
+
+    def build_optimizer(self, model: nn.Module, per_parameter_groups: bool = False):
+        with self._optim_kwargs_checked():
+            return create_optimizer(model, self.cfg.optim.name, **self._optimizer_kwargs(per_parameter_groups))
 
     def setup(self, model: nn.Module) -> None:
         self.model = model.to(self.device)
@@ -166,11 +172,8 @@ class Engine:
         lr, weight_decay = kwargs.pop("lr"), kwargs.pop("weight_decay")
         groups = param_groups(self.replicated.param_view(), weight_decay=weight_decay,
                               per_parameter_groups=per_parameter_groups)
-        try:
+        with self._optim_kwargs_checked():
             self.replicated.optimizer = spec.build(groups, lr=lr, **kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"config section 'optim' (optim.kwargs) does not fit optimizer "
-                              f"{self.cfg.optim.name!r}: {exc}") from None
 
     def after_step(self) -> None:
         """The reparameterized layers' step hooks (rank truncation, schedules), after a step."""

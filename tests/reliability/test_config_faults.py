@@ -65,3 +65,9 @@ def test_data_error_is_a_value_error():
 def test_world_size_that_does_not_divide_the_batch(tmp_path):
     text = _cli_error(tmp_path, "train.batch_size=6", "train.micro_batch=2", launcher="torchrun")
     assert "'train.batch_size' (6) must be a multiple of train.micro_batch x world size (2 x 2)" in text
+
+
+def test_optimizer_keyword_it_does_not_take(tmp_path):
+    text = _cli_error(tmp_path, "optim.name=adamp", "optim.kwargs={momentum_typo: 0.9}")
+    assert "config section 'optim' (optim.kwargs) does not fit optimizer 'adamp'" in text
+    assert "momentum_typo" in text
