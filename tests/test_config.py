@@ -2,7 +2,10 @@
 
 import pytest
 
-from optimlib.train.config import ConfigError, RunConfig, load_config, parse_overrides
+import yaml
+
+from optimlib.train.config import (ConfigError, RunConfig, config_from_mapping, load_config, merge_overrides,
+                                   parse_overrides, read_yaml, to_dict)
 
 
 def test_defaults_and_overrides_typed(tmp_path):
@@ -21,6 +24,24 @@ def test_yaml_file_then_override(tmp_path):
     path.write_text("train:\n  steps: 11\n  batch_size: 8\n  micro_batch: 4\noptim:\n  lr: 1e-3\n")
     cfg = load_config(path, ["train.steps=12"])
     assert (cfg.train.steps, cfg.train.batch_size, cfg.optim.lr) == (12, 8, 1e-3)
+
+
+def test_written_config_reads_back_equal(tmp_path):
+    """A run's config.yaml (to_dict, dumped as YAML) rebuilds the same RunConfig."""
+    cfg = load_config(None, ["optim.lr=3e-3", "optim.kwargs={rank: 4}", "reparam.method=nm",
+                             "reparam.options={n: 2, m: 4}", "train.steps=9"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert config_from_mapping(read_yaml(path)) == cfg
+
+
+def test_mapping_errors_name_the_key():
+    tree = merge_overrides({"train": {"steps": 5}}, ["train.stepz=3"])
+    assert tree == {"train": {"steps": 5, "stepz": 3}}
+    with pytest.raises(ConfigError, match="'train.stepz'"):
+        config_from_mapping(tree)
+    with pytest.raises(ConfigError, match="'train.micro_batch'"):
+        config_from_mapping({"train": {"batch_size": 10, "micro_batch": 4}})
 
 
 @pytest.mark.parametrize("override, key", [

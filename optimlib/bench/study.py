@@ -45,6 +45,7 @@ import yaml
 
 from optimlib.bench.report import cpu_model, markdown_table, mib
 from optimlib.bench.timing import interleaved, summarize
+from optimlib.train.config import config_from_mapping, merge_overrides, read_yaml
 
 __all__ = ["Method", "Study", "load_study", "run_sweep", "time_train_steps", "collect", "write_outputs",
            "git_state"]
@@ -107,15 +108,13 @@ def load_study(path: str | Path, overrides: list[str] | None = None, only: list[
     (``train.steps=20``); ``only`` keeps those methods (the baseline is always kept)."""
     from optimlib.optim import list_optimizers
     from optimlib.reparam import list_reparams
-    from optimlib.train.config import _merge, _yaml_floats, parse_overrides
-
     path = Path(path)
-    tree = _yaml_floats(yaml.safe_load(path.read_text()) or {})
+    tree = read_yaml(path)
     unknown = set(tree) - {"base", "baseline", "methods", "default_lrs"}
     if unknown:
         raise ValueError(f"study file {path}: unknown top-level key(s) {sorted(unknown)}; "
                          "known: base, baseline, default_lrs, methods")
-    base = _merge(tree.get("base") or {}, parse_overrides(list(overrides or [])))
+    base = merge_overrides(tree.get("base") or {}, overrides)
     optimizers, reparams = list_optimizers(), list_reparams()
     baseline = tree.get("baseline", "adamw")
     if baseline not in optimizers:
@@ -197,7 +196,7 @@ def run_sweep(study: Study, runs_dir: str | Path, log: Callable[[str], None] = p
                   "load_average_1m_start": os.getloadavg()[0], "threads": torch.get_num_threads()}
         tic = time.perf_counter()
         try:
-            pretrain(run_config(yaml.safe_load((out / "config.yaml").read_text())))
+            pretrain(config_from_mapping(read_yaml(out / "config.yaml")))
             record["status"] = "ok"
         except Exception as exc:  # a diverged or broken run is a study result, not the end of the study
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -210,15 +209,6 @@ def run_sweep(study: Study, runs_dir: str | Path, log: Callable[[str], None] = p
     return done
 
 
-def run_config(tree: dict):
-    """A checked :class:`optimlib.train.config.RunConfig` from a config mapping."""
-    from optimlib.train.config import RunConfig, _build, validate
-
-    cfg = _build(RunConfig, tree)
-    validate(cfg)
-    return cfg
-
-
 def _build_engine(study: Study, method: Method):
     """The model and optimizer of ``method``'s center-lr run, as the training loop builds them."""
     from optimlib import reparam
@@ -226,7 +216,7 @@ def _build_engine(study: Study, method: Method):
     from optimlib.train.engine import ENGINES
     from optimlib.train.loop import seed_everything
 
-    cfg = run_config(study.run_tree(method, method.lrs[(len(method.lrs) - 1) // 2], Path("unused")))
+    cfg = config_from_mapping(study.run_tree(method, method.lrs[(len(method.lrs) - 1) // 2], Path("unused")))
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, max_seq_len=cfg.data.seq_len)
     if cfg.reparam.method:

@@ -186,6 +186,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+def merge_overrides(tree: dict, overrides: list[str] | None) -> dict:
+    """``tree`` (a nested config mapping) with dotted ``key=value`` ``overrides`` applied on top."""
+    return _merge(tree, parse_overrides(list(overrides or [])))
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
@@ -210,24 +215,32 @@ def _yaml_floats(tree):
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (or the defaults) and apply dotted ``key=value`` overrides."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-        tree = _yaml_floats(tree)
-    tree = _merge(tree, parse_overrides(list(overrides or [])))
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in the YAML file ``path`` (``3e-3`` read as a number), or a :class:`ConfigError`
+    naming the file: missing, not YAML, or not a mapping at the top level."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return _yaml_floats(tree)
+
+
+def config_from_mapping(tree: dict) -> RunConfig:
+    """A checked :class:`RunConfig` from a nested mapping (the shape of a config YAML, or of the
+    ``config.yaml`` a run writes); unknown keys and bad values raise :class:`ConfigError`."""
     cfg = _build(RunConfig, tree)
     validate(cfg)
     return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults) and apply dotted ``key=value`` overrides."""
+    return config_from_mapping(merge_overrides(read_yaml(path) if path is not None else {}, overrides))
 
 
 def validate(cfg: RunConfig) -> None:
