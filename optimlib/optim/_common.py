@@ -1,4 +1,10 @@
-"""Helpers shared by optimlib's optimizers: argument validation and dtype-preserving state loads.
+"""What optimlib's optimizers share: their base class, argument validation and dtype-preserving
+state loads.
+
+:class:`OptimizerBase` is the ``torch.optim.Optimizer`` every optimlib optimizer derives from: it
+validates each param group (at construction and in ``add_param_group``), runs the closure and
+then one ``_step_group`` per group, walks the parameters that have a gradient (refusing sparse
+gradients and checking shapes), and loads state dicts keeping the saved state dtypes.
 
 Validation (issue #9): every optimizer checks its hyper-parameters at construction and raises
 ``TypeError`` for a value of the wrong type and ``ValueError`` for a value out of range
@@ -12,14 +18,14 @@ and, at every step, that no parameter changed shape under its state (:func:`chec
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from optimlib.distributed.row_block import RowBlock
 
-__all__ = ["check_real", "check_betas", "check_int", "check_choice", "check_bool", "fail",
+__all__ = ["OptimizerBase", "check_real", "check_betas", "check_int", "check_choice", "check_bool", "fail",
            "load_state_dict_keeping_dtypes", "check_param_shape", "write_rows_"]
 
 
@@ -171,3 +177,73 @@ def write_rows_(local: torch.Tensor, rows: torch.Tensor, block: RowBlock) -> Non
         local.copy_(piece.view(local.shape))
     else:
         local.view(-1)[: piece.numel()].copy_(piece)
+
+
+# ----------------------------------------------------------------------------- the base class
+class OptimizerBase(torch.optim.Optimizer):
+    """The base of optimlib's optimizers (``torch.optim.Optimizer`` with the shared plumbing).
+
+    A subclass defines ``_validate_group(group)`` (raise naming the option; it also checks the
+    constructor's ``defaults`` unless ``_validate_defaults`` is overridden) and
+    ``_step_group(group_index, group)``, which updates the group's parameters, usually those of
+    :meth:`params_with_grad`.  ``step(closure)`` evaluates the closure with gradients enabled,
+    checks that a group carrying global ``"shapes"`` (see :func:`optimlib.optim.param_groups`) still
+    has one shape per tensor -- DeepSpeed ZeRO flattens each group into one partition, so
+    shape-aware optimizers need one parameter per group there -- and steps each group.
+    """
+
+    def __init__(self, params, defaults: dict):
+        self._validate_defaults(defaults)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _validate_defaults(self, defaults: dict) -> None:
+        self._validate_group(defaults)
+
+    def _step_group(self, group_index: int, group: dict) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+
+    # torch casts floating state to the parameter's dtype on load: keep what was saved (packed
+    # signs, int8 codes, float32 factors and moments, the float32 step).
+    def load_state_dict(self, state_dict: dict) -> None:
+        load_state_dict_keeping_dtypes(self, state_dict, super().load_state_dict)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """One optimizer step over every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            shapes = group.get("shapes")
+            if shapes is not None and group["params"] and len(shapes) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi} has {len(group['params'])} tensors but {len(shapes)} shapes: under "
+                    "DeepSpeed ZeRO shape-aware optimizers need one parameter per group "
+                    "(optimlib.optim.param_groups(model, per_parameter_groups=True))")
+            self._step_group(gi, group)
+        return loss
+
+    def check_grad(self, group_index: int, index: int, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Refuse a sparse gradient; check the parameter's shape against its state
+        (:func:`check_param_shape`)."""
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        check_param_shape(self, group_index, index, param)
+
+    def params_with_grad(self, group_index: int, group: dict) -> list[tuple[int, torch.Tensor]]:
+        """``(index, parameter)`` of the group's parameters that have a gradient, checked (a list,
+        not a generator: ``torch.compile`` cannot resume a graph break inside a generator)."""
+        found = []
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None:
+                self.check_grad(group_index, i, p, p.grad)
+                found.append((i, p))
+        return found

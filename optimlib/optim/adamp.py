@@ -37,14 +37,13 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels._dispatch import as_2d
 from optimlib.kernels.adam import adam_lowrank_update_
 from optimlib.kernels.adamp import adamp_apply_, adamp_coefficients, adamp_stats_
-from optimlib.optim._common import check_betas, check_param_shape, check_real, write_rows_
+from optimlib.optim._common import OptimizerBase, check_betas, check_real, write_rows_
 
 __all__ = ["AdamP", "SGDP", "adamp", "adamp_direction", "adamp_param_", "sgdp", "scale_invariant_projection",
            "channel_view_shape"]
@@ -262,26 +261,13 @@ def validate_sgdp_group(group: dict) -> None:
 
 def _placed(group: dict, index: int, p: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor, FlatSlice]:
     """Global shape, local tensor and FlatSlice of ``group["params"][index]``."""
-    shapes = group.get("shapes")
-    if shapes is not None and group["params"] and len(shapes) != len(group["params"]):
-        raise ValueError(
-            f"param group has {len(group['params'])} tensors but {len(shapes)} shapes: under DeepSpeed "
-            "ZeRO shape-aware optimizers need one parameter per group "
-            "(optimlib.optim.param_groups(model, per_parameter_groups=True))")
     shape = global_shape(p, group, index)
     local, piece = local_piece(p, shape)
     return shape, local, piece
 
 
-def _restore_step_dtype(optimizer: Optimizer) -> None:
-    for state in optimizer.state.values():
-        step = state.get("step")
-        if isinstance(step, torch.Tensor) and step.dtype != torch.float32:
-            state["step"] = step.to(torch.float32)
-
-
 # ----------------------------------------------------------------------------- classes
-class AdamP(Optimizer):
+class AdamP(OptimizerBase):
     r"""AdamP (Heo et al., ICLR 2021, arXiv:2006.08217): Adam with projection for scale-invariant weights.
 
     .. math::
@@ -314,54 +300,34 @@ class AdamP(Optimizer):
                  nesterov: bool = False):
         defaults = dict(lr=lr, betas=check_betas("betas", betas), eps=eps, weight_decay=weight_decay,
                         delta=delta, wd_ratio=wd_ratio, nesterov=bool(nesterov))
-        validate_adamp_group(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        validate_adamp_group(self.param_groups[-1])
+    _validate_group = staticmethod(validate_adamp_group)
 
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        _restore_step_dtype(self)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "s", "shape", "piece")}
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamP does not support sparse gradients")
-                check_param_shape(self, gi, i, p)
-                shape, local, piece = _placed(group, i, p)
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    # zeros_like(p): a DTensor under FSDP2 (so distributed checkpoints shard it).
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                lists["p"].append(local)
-                lists["g"].append(to_local(p.grad))
-                lists["m"].append(to_local(state["exp_avg"]))
-                lists["v"].append(to_local(state["exp_avg_sq"]))
-                lists["s"].append(state["step"])
-                lists["shape"].append(shape)
-                lists["piece"].append(piece)
-            beta1, beta2 = group["betas"]
-            adamp(lists["p"], lists["g"], lists["m"], lists["v"], lists["s"], lists["shape"], lists["piece"],
-                  beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                  eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
-                  nesterov=group["nesterov"])
-        return loss
+    def _step_group(self, group_index: int, group: dict) -> None:
+        lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "s", "shape", "piece")}
+        for i, p in self.params_with_grad(group_index, group):
+            shape, local, piece = _placed(group, i, p)
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                # zeros_like(p): a DTensor under FSDP2 (so distributed checkpoints shard it).
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            lists["p"].append(local)
+            lists["g"].append(to_local(p.grad))
+            lists["m"].append(to_local(state["exp_avg"]))
+            lists["v"].append(to_local(state["exp_avg_sq"]))
+            lists["s"].append(state["step"])
+            lists["shape"].append(shape)
+            lists["piece"].append(piece)
+        beta1, beta2 = group["betas"]
+        adamp(lists["p"], lists["g"], lists["m"], lists["v"], lists["s"], lists["shape"], lists["piece"],
+              beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+              eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"], nesterov=group["nesterov"])
 
 
-class SGDP(Optimizer):
+class SGDP(OptimizerBase):
     r"""SGDP (Heo et al., ICLR 2021, arXiv:2006.08217): SGD with projection for scale-invariant weights.
 
     .. math::
@@ -386,50 +352,30 @@ class SGDP(Optimizer):
                  wd_ratio: float = 0.1):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=bool(nesterov), eps=eps, delta=delta, wd_ratio=wd_ratio)
-        validate_sgdp_group(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        validate_sgdp_group(self.param_groups[-1])
+    _validate_group = staticmethod(validate_sgdp_group)
 
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        _restore_step_dtype(self)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            momentum = group["momentum"]
-            lists: dict[str, list] = {k: [] for k in ("p", "g", "b", "s", "shape", "piece")}
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SGDP does not support sparse gradients")
-                check_param_shape(self, gi, i, p)
-                shape, local, piece = _placed(group, i, p)
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-                if momentum != 0 and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = state.get("momentum_buffer") if momentum != 0 else None
-                lists["p"].append(local)
-                lists["g"].append(to_local(p.grad))
-                lists["b"].append(None if buf is None else to_local(buf))
-                lists["s"].append(state["step"])
-                lists["shape"].append(shape)
-                lists["piece"].append(piece)
-            sgdp(lists["p"], lists["g"], lists["b"], lists["s"], lists["shape"], lists["piece"],
-                 lr=group["lr"], momentum=momentum, dampening=group["dampening"],
-                 weight_decay=group["weight_decay"], nesterov=group["nesterov"], eps=group["eps"],
-                 delta=group["delta"], wd_ratio=group["wd_ratio"])
-        return loss
+    def _step_group(self, group_index: int, group: dict) -> None:
+        momentum = group["momentum"]
+        lists: dict[str, list] = {k: [] for k in ("p", "g", "b", "s", "shape", "piece")}
+        for i, p in self.params_with_grad(group_index, group):
+            shape, local, piece = _placed(group, i, p)
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+            if momentum != 0 and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state.get("momentum_buffer") if momentum != 0 else None
+            lists["p"].append(local)
+            lists["g"].append(to_local(p.grad))
+            lists["b"].append(None if buf is None else to_local(buf))
+            lists["s"].append(state["step"])
+            lists["shape"].append(shape)
+            lists["piece"].append(piece)
+        sgdp(lists["p"], lists["g"], lists["b"], lists["s"], lists["shape"], lists["piece"],
+             lr=group["lr"], momentum=momentum, dampening=group["dampening"], weight_decay=group["weight_decay"],
+             nesterov=group["nesterov"], eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])
 
 
 # ----------------------------------------------------------------------------- registry

@@ -134,17 +134,15 @@ dtype (torch would cast codes, indices, sign bits and float32 factors to the par
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
-from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels.adam import adam8bit_lowrank_update_, adam_lowrank_update_
 from optimlib.kernels.galore import galore_backproject_update_
-from optimlib.optim._common import (check_betas, check_choice, check_param_shape, check_real,
-                                    load_state_dict_keeping_dtypes, write_rows_)
+from optimlib.optim._common import OptimizerBase, check_betas, check_choice, check_real, write_rows_
 from optimlib.optim.adamp import adamp_param_, scale_invariant_projection
 from optimlib.optim.projection import ProjectionConfig, Projector, matrix_shape, name_seed
 from optimlib.optim.quantize import dequantize_blockwise, hash_uniform, quantize_blockwise
@@ -477,7 +475,7 @@ def galore_adamw_lowrank_(param: torch.Tensor, grad: torch.Tensor, state: dict, 
 
 
 # ----------------------------------------------------------------------------- the optimizer
-class GaLoreAdamW(Optimizer):
+class GaLoreAdamW(OptimizerBase):
     r"""GaLore AdamW (Zhao et al., ICML 2024, arXiv:2403.03507), a drop-in for ``galore_torch.GaLoreAdamW``.
 
     See the module docstring for the update rule, the group keys and the distributed contract.
@@ -540,11 +538,6 @@ class GaLoreAdamW(Optimizer):
                         basis_dtype=basis_dtype, seed=seed, canonical_signs=canonical_signs,
                         shard_basis=shard_basis, inner=inner, delta=delta, wd_ratio=wd_ratio,
                         nesterov=bool(nesterov), decay_rate=decay_rate, growth_rate=growth_rate)
-        # The options every group uses (low-rank ones are checked per low-rank group).
-        self._validate_common(defaults)
-        if inner == "smmf" and moments_dtype is not None:
-            _bad("moments_dtype", moments_dtype, "None with inner='smmf' (SMMF stores its own float32 factors "
-                 "and 1-bit signs)")
         self._lowrank_count = 0
         super().__init__(params, defaults)
 
@@ -552,7 +545,6 @@ class GaLoreAdamW(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
         if is_lowrank_group(group):
             n = len(group["params"])
             if group["stagger"] and "refresh_offsets" not in group:
@@ -571,6 +563,13 @@ class GaLoreAdamW(Optimizer):
         check_real("delta", group["delta"], low=0.0)
         check_real("wd_ratio", group["wd_ratio"], low=0.0, high=1.0)
         validate_smmf_hyperparameters(decay_rate=group["decay_rate"], growth_rate=group["growth_rate"])
+
+    def _validate_defaults(self, defaults: dict) -> None:
+        # The options every group uses (low-rank ones are checked per low-rank group).
+        self._validate_common(defaults)
+        if defaults["inner"] == "smmf" and defaults["moments_dtype"] is not None:
+            _bad("moments_dtype", defaults["moments_dtype"], "None with inner='smmf' (SMMF stores its own "
+                 "float32 factors and 1-bit signs)")
 
     @classmethod
     def _validate_group(cls, group: dict) -> None:
@@ -608,12 +607,6 @@ class GaLoreAdamW(Optimizer):
         """Switch to layer-wise (optimizer-in-backward) stepping; see :class:`LayerwiseStepper`."""
         return LayerwiseStepper(self, accumulation_steps)
 
-    # ------------------------------------------------------------------ state
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts every state tensor to the parameter's dtype: keep int8 codes, fp32 block
-        # maxima, int32 DCT indices, SMMF's factors and sign bits, fp32 moments as they were saved.
-        load_state_dict_keeping_dtypes(self, state_dict, super().load_state_dict)
-
     # ------------------------------------------------------------------ step
     _CONFIG_FIELDS = tuple(ProjectionConfig.__dataclass_fields__)
 
@@ -633,29 +626,18 @@ class GaLoreAdamW(Optimizer):
             return str(names[i])
         return f"group{gi}.param{i}"
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        """One optimizer step over every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            dense = _DenseBatch()
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                self._step_param(group, gi, i, p, p.grad, dense=dense)
-            dense.run(group)
-        return loss
+    def _step_group(self, group_index: int, group: dict) -> None:
+        dense = _DenseBatch()
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None:
+                self._step_param(group, group_index, i, p, p.grad, dense=dense)
+        dense.run(group)
 
     def _step_param(self, group: dict, gi: int, i: int, p: torch.Tensor, grad: torch.Tensor,
                     dense: "_DenseBatch | None" = None) -> None:
         """Step one parameter.  The AdamW rule on a full gradient is appended to ``dense`` (run
         for the whole group as multi-tensor ops) when given, else run at once (layer-wise mode)."""
-        if grad.is_sparse:
-            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-        check_param_shape(self, gi, i, p)
+        self.check_grad(gi, i, p, grad)
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         shape = global_shape(p, group, i)

@@ -58,11 +58,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim.optimizer import Optimizer
 
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock, near_square
-from optimlib.optim._common import check_choice, check_param_shape, check_real, load_state_dict_keeping_dtypes
+from optimlib.optim._common import OptimizerBase, check_choice, check_real
 from optimlib.kernels.smmf import smmf_decompress, smmf_factor_sums_, smmf_update_
 from optimlib.optim.bitpack import packed_numel
 
@@ -364,7 +363,7 @@ def validate_smmf_group(group: dict) -> None:
 
 
 
-class SMMF(Optimizer):
+class SMMF(OptimizerBase):
     r"""SMMF (Park & Lee, AAAI 2025, arXiv:2412.08894): Adam-style moments stored as rank-1 factors.
 
     .. math::
@@ -404,53 +403,24 @@ class SMMF(Optimizer):
         defaults = dict(lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, decay_rate=decay_rate,
                         growth_rate=growth_rate, vector_reshape=bool(vector_reshape),
                         weight_decay_mode=weight_decay_mode)
-        validate_smmf_group(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        validate_smmf_group(self.param_groups[-1])
+    _validate_group = staticmethod(validate_smmf_group)
 
-    # torch casts floating state to the parameter's dtype on load: keep the packed sign uint8,
-    # the factors float32 and the step float32 as they were saved.
-    def load_state_dict(self, state_dict) -> None:
-        load_state_dict_keeping_dtypes(self, state_dict, super().load_state_dict)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            shapes = group.get("shapes")
-            if shapes is not None and group["params"] and len(shapes) != len(group["params"]):
-                raise ValueError(
-                    f"param group has {len(group['params'])} tensors but {len(shapes)} shapes: under DeepSpeed "
-                    "ZeRO shape-aware optimizers need one parameter per group "
-                    "(optimlib.optim.param_groups(model, per_parameter_groups=True))")
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SMMF does not support sparse gradients")
-                check_param_shape(self, gi, i, p)
-                self._step_param(p, group, i)
-        return loss
-
-    def _step_param(self, p: torch.Tensor, group: dict, index: int) -> None:
-        shape = global_shape(p, group, index)
-        if math.prod(shape) == 0:
-            return
-        local, piece = local_piece(p, shape)
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-        state["step"] += 1
-        smmf_param_(local, to_local(p.grad), piece, shape, state, float(state["step"].item()), p, lr=group["lr"],
-                    beta=group["beta"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    decay_rate=group["decay_rate"], growth_rate=group["growth_rate"],
-                    vector_reshape=group["vector_reshape"], weight_decay_mode=group["weight_decay_mode"])
+    def _step_group(self, group_index: int, group: dict) -> None:
+        for i, p in self.params_with_grad(group_index, group):
+            shape = global_shape(p, group, i)
+            if math.prod(shape) == 0:
+                continue
+            local, piece = local_piece(p, shape)
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+            state["step"] += 1
+            smmf_param_(local, to_local(p.grad), piece, shape, state, float(state["step"].item()), p,
+                        lr=group["lr"], beta=group["beta"], eps=group["eps"], weight_decay=group["weight_decay"],
+                        decay_rate=group["decay_rate"], growth_rate=group["growth_rate"],
+                        vector_reshape=group["vector_reshape"], weight_decay_mode=group["weight_decay_mode"])
 
 
 # ----------------------------------------------------------------------------- registry

@@ -192,3 +192,31 @@ def test_galore_layerwise_mode_checks_the_shape_too():
     stepper = opt.layerwise()
     with pytest.raises(ValueError, match=r"changed shape from \(5, 6\) to \(7, 6\)"):
         stepper.step()
+
+
+@pytest.mark.parametrize("opt", list(BUILDERS))
+def test_sparse_gradient_is_refused_naming_the_optimizer(opt):
+    optimizer = BUILDERS[opt]()
+    p = optimizer.param_groups[0]["params"][0]
+    p.grad = torch.zeros(p.shape).to_sparse()
+    with pytest.raises(RuntimeError, match=f"{type(optimizer).__name__} does not support sparse gradients"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("opt", list(BUILDERS))
+def test_step_returns_the_closure_loss_computed_with_grad(opt):
+    """``step(closure)``: the closure runs with autograd on (inside the step's no_grad) and its
+    loss is returned; the step then uses the gradient the closure made."""
+    optimizer = BUILDERS[opt]()
+    p = optimizer.param_groups[0]["params"][0]
+    before = p.detach().clone()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (p - 1).square().sum()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert loss.item() == pytest.approx(12.0) and p.grad is not None
+    assert not torch.equal(p.detach(), before)
