@@ -16,6 +16,12 @@ The protocol a reparameterized layer (or parametrization) follows:
 * ``after_step(optimizer)`` — optional; called by :func:`after_step` once per optimizer step,
   after ``optimizer.step()`` (schedules, rank truncation).  State that a resumed run needs
   (schedule position, current rank) lives in buffers, so it is part of the model's state_dict;
+* ``after_skipped_step()`` — optional; called by :func:`after_skipped_step` instead of
+  ``after_step`` when the optimizer step was *not* applied and its gradients were discarded (a
+  non-finite step skipped by ``train.on_nonfinite``, an AMP ``GradScaler`` inf step): it restores
+  what the discarded backward consumed, so that the next step's gradient is what it would have
+  been without the skipped one, and advances nothing (a skipped step is not counted).  N:M
+  re-arms its once-per-step SR-STE term here;
 * ``replicated_parameters`` — optional class attribute: names of the layer's parameters that
   the step hook reshapes (in place, keeping the ``Parameter`` object).  The sharded engines
   (FSDP2, DeepSpeed ZeRO) keep those whole and identical on every rank instead of sharding them,
@@ -98,16 +104,31 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _hooks(model: nn.Module, name: str):
+    """``(module, bound method)`` of every module of ``model`` that defines the hook ``name``."""
+    for module in model.modules():
+        hook = getattr(module, name, None)
+        if callable(hook):
+            yield module, hook
+
+
 def after_step(model: nn.Module, optimizer=None, replicated_optimizer=None) -> None:
     """Run every reparameterized layer's ``after_step(optimizer)``; call it after each
     ``optimizer.step()`` (the training loop of ``launch/pretrain.py`` does).  Layers that declare
     ``replicated_parameters`` get ``replicated_optimizer`` when one is given (the sharded engines
     train those parameters with it)."""
-    for module in model.modules():
-        hook = getattr(module, "after_step", None)
-        if callable(hook):
-            replicated = replicated_optimizer is not None and getattr(module, "replicated_parameters", ())
-            hook(replicated_optimizer if replicated else optimizer)
+    for module, hook in _hooks(model, "after_step"):
+        replicated = replicated_optimizer is not None and getattr(module, "replicated_parameters", ())
+        hook(replicated_optimizer if replicated else optimizer)
+
+
+def after_skipped_step(model: nn.Module) -> None:
+    """Run every reparameterized layer's ``after_skipped_step()``; call it, instead of
+    :func:`after_step`, when an optimizer step was skipped and its gradients discarded (the
+    training loop of ``launch/pretrain.py`` does on a non-finite step; a loop with an AMP
+    ``GradScaler`` should when ``scaler.step`` skipped).  Advances no schedule."""
+    for _, hook in _hooks(model, "after_skipped_step"):
+        hook()
 
 
 def replicated_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -121,8 +142,8 @@ def replicated_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
-__all__ = ["ReparamSpec", "after_step", "apply", "get_reparam_spec", "list_reparams", "merge", "register_reparam",
-           "replicated_parameters"]
+__all__ = ["ReparamSpec", "after_skipped_step", "after_step", "apply", "get_reparam_spec", "list_reparams", "merge",
+           "register_reparam", "replicated_parameters"]
 
 from optimlib.reparam import sltrain  # noqa: E402,F401  (registers sltrain, lowrank)
 from optimlib.reparam import nm  # noqa: E402,F401  (registers nm)

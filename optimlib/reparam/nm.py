@@ -43,6 +43,13 @@ once-per-step flag is a 0-d bool buffer (not in the state dict) that the backwar
 and ``after_step`` sets: a tensor, not a Python attribute, so that ``torch.compile`` traces the
 backward without a graph break and no host sync is needed.
 
+A step that is *skipped* (its gradients discarded, e.g. non-finite ones under
+``train.on_nonfinite=skip``, or an AMP ``GradScaler`` inf step) took the term with it, so the
+loop must then call ``optimlib.reparam.after_skipped_step(model)`` instead of ``after_step``
+(``launch/pretrain.py``'s loop does): :meth:`NMSparsity.after_skipped_step` re-arms the term
+without advancing the schedule, and the next step's gradient is again
+``mean(g) + lambda * (1 - m) * W``.  Without it that step would silently lack the term.
+
 Kernels.  Mask and application are one op, :func:`optimlib.kernels.nm_mask_apply`, and the
 backward of every recipe is :func:`optimlib.kernels.nm_grad` (Triton kernels on CUDA, their eager
 twins on CPU): the parametrization has no maths of its own, so it computes the same on every
@@ -52,7 +59,8 @@ the weight when there is an SR-STE term.
 ``grad_mode="exact"`` gives any recipe the true gradient of its forward (pruned weights then get
 ``beta * g``, i.e. nothing under a binary mask).
 
-Schedule (mdgf, sdgf; ``t`` = optimizer steps taken, counted by :meth:`NMSparsity.after_step`):
+Schedule (mdgf, sdgf; ``t`` = optimizer steps applied, counted by :meth:`NMSparsity.after_step`;
+skipped steps do not count):
 
 * ``t < dense_steps``: dense (no mask) for every recipe;
 * ``s = t - dense_steps`` in ``[0, decay_steps)``: the decay window.  mdgf's ``beta(s)``:
@@ -299,7 +307,8 @@ class NMSparsity(nn.Module):
     """Parametrization ``W -> W~`` of one linear's weight (register with
     ``torch.nn.utils.parametrize``); see the module docstring for the rule.
 
-    ``step`` (a buffer) is the schedule position; :meth:`after_step` advances it by one.
+    ``step`` (a buffer) is the schedule position; :meth:`after_step` advances it by one,
+    :meth:`after_skipped_step` leaves it where it is.
     """
 
     def __init__(self, schedule: NMSchedule, *, srste_lambda: float = 0.0, grad_mode: str = "ste"):
@@ -348,6 +357,12 @@ class NMSparsity(nn.Module):
         self._set_position(self._position + 1)
         self.decay_pending.fill_(True)
         self.step.fill_(self._position)
+
+    def after_skipped_step(self) -> None:
+        """The optimizer step was skipped and its gradients discarded: re-arm the SR-STE term,
+        which the discarded backward consumed, so that the next step's gradient carries it once;
+        the schedule does not move (only applied steps count)."""
+        self.decay_pending.fill_(True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

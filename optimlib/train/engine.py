@@ -2,7 +2,8 @@
 
 Each engine owns the wrapped model and the optimizer and offers the same small surface to the
 training loop: ``forward_backward`` for one micro-batch, ``step`` at the accumulation boundary,
-``after_step`` (the reparameterizations' step hooks), ``set_lr``, ``save``/``load`` and the
+``after_step`` / ``after_skipped_step`` (the reparameterizations' step hooks, after an
+applied or a skipped step), ``set_lr``, ``save``/``load`` and the
 memory counters.  The loop itself (``loop.py``) is the same for all of them.
 
 Parameters a reparameterized layer declares replicated (``replicated_parameters``: shapes that
@@ -179,6 +180,12 @@ class Engine:
         """The reparameterized layers' step hooks (rank truncation, schedules), after a step."""
         reparam.after_step(self.module, self.client_optimizer(),
                            replicated_optimizer=self.replicated.optimizer if self.replicated else None)
+
+    def after_skipped_step(self) -> None:
+        """The reparameterized layers' skip hooks, after a step that :meth:`step` skipped (its
+        gradients discarded): restore per-step state the discarded backward consumed (N:M's
+        SR-STE term), advancing nothing."""
+        reparam.after_skipped_step(self.module)
 
     # -------------------------------------------------------------- training
     def autocast(self):

@@ -181,8 +181,11 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
         except NonFiniteGradientError as exc:
             raise NonFiniteGradientError(f"step {step + 1}: {exc}") from None
         skipped_steps += result.skipped
-        if cfg.reparam.method and not result.skipped:
-            engine.after_step()
+        if cfg.reparam.method:
+            if result.skipped:
+                engine.after_skipped_step()
+            else:
+                engine.after_step()
         last_loss = float(engine.all_reduce_mean(torch.stack(losses).mean()))
         if device.type == "cuda":
             torch.cuda.synchronize(device)

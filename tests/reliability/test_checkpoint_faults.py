@@ -94,8 +94,9 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     assert checkpoint.verify(root / "step_00000003") is None
 
 
-def _poison_step(monkeypatch, step: int, accum: int = 4):
-    """Make every gradient of the first attention projection NaN on ``step`` (1-based)."""
+def _poison_step(monkeypatch, step: int, accum: int = 4, name: str = "layers.0.attn.q_proj.weight"):
+    """Make every gradient of parameter ``name`` (the first attention projection) NaN on ``step``
+    (1-based)."""
     calls = {"n": 0}
     real = Engine.forward_backward
 
@@ -103,7 +104,7 @@ def _poison_step(monkeypatch, step: int, accum: int = 4):
         loss = real(self, x, y, scale, last)
         calls["n"] += 1
         if calls["n"] == step * accum:
-            self.module.layers[0].attn.q_proj.weight.grad.fill_(float("nan"))
+            self.module.get_parameter(name).grad.fill_(float("nan"))
         return loss
 
     monkeypatch.setattr(Engine, "forward_backward", poisoned)
@@ -121,6 +122,53 @@ def test_nonfinite_gradient_step_is_skipped_and_counted(tmp_path, reference, mon
     steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {5.0}                                                     # 6 steps, one skipped
     assert all(math.isfinite(v) for v in got.values())
+
+
+def test_nonfinite_skip_keeps_the_nm_srste_term_and_counts_only_applied_steps(tmp_path, monkeypatch):
+    """N:M with SR-STE through the loop, step 3 skipped: the step after it (and an ordinary one)
+    still gets the SR-STE term once, its gradient being the paper's ``g + lam * (1 - m) * W`` with
+    ``g`` the loss gradient of the same micro-batches replayed without the term, and the schedule
+    counts the 5 applied steps only."""
+    from optimlib.reparam.nm import nm_mask, nm_parametrizations
+
+    lam, accum, checked, batches = 0.05, 4, [], []
+    real_fb, real_step = Engine.forward_backward, Engine.step
+
+    def recording(self, x, y, scale, last):
+        batches.append((x, y, scale, last))
+        return real_fb(self, x, y, scale, last)
+
+    def checking(self):
+        n = len(batches) // accum  # the step about to be taken (1-based)
+        if n in (2, 4):
+            got = {p: p.grad for p in self.module.parameters()}
+            layers = nm_parametrizations(self.module)
+            for p in got:
+                p.grad = None
+            for _, _, nm in layers:
+                nm.srste_lambda = 0.0
+            for args in batches[-accum:]:
+                real_fb(self, *args)  # g alone
+            for name, linear, nm in layers:
+                w = linear.parametrizations.weight.original
+                expected = w.grad + lam * ~nm_mask(w, 2, 4) * w.detach()
+                torch.testing.assert_close(got[w], expected, rtol=1e-5, atol=1e-7,
+                                           msg=lambda m: f"step {n}, {name}: {m}")
+                nm.srste_lambda = lam
+            for p, g in got.items():
+                p.grad = g
+            checked.append(n)
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "forward_backward", recording)
+    monkeypatch.setattr(Engine, "step", checking)
+    _poison_step(monkeypatch, 3, accum, name="layers.0.attn.q_proj.parametrizations.weight.original")
+    summary = _run(tmp_path, "reparam.method=nm",
+                   f"reparam.options={{n: 2, m: 4, recipe: srste, srste_lambda: {lam}}}")
+    assert summary["skipped_steps"] == 1 and checked == [2, 4]
+    state = torch.load(checkpoint.step_dir(tmp_path / "checkpoints", 6) / "state.pt", weights_only=True)
+    positions = {int(v) for k, v in state["model"].items() if k.endswith("parametrizations.weight.0.step")}
+    assert positions == {5}                                                   # 6 steps, one skipped
 
 
 def test_nonfinite_gradient_stop_names_the_step_and_the_parameter(tmp_path, monkeypatch):

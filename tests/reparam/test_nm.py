@@ -173,6 +173,32 @@ def test_srste_term_is_added_once_per_optimizer_step_under_accumulation():
     torch.testing.assert_close(w.grad, c + lam * (1 - mask) * w.detach())
 
 
+@pytest.mark.parametrize("options", [dict(recipe="srste"), dict(recipe="srste", srste_lambda=0.5),
+                                     dict(recipe="mdgf", decay_steps=10, srste_lambda=0.5)])
+def test_a_skipped_step_re_arms_the_srste_term_without_advancing_the_schedule(options):
+    """A step whose gradients are discarded (non-finite, skipped) must not take the SR-STE term
+    of the next step with it: after ``after_skipped_step`` the next gradient is the paper's
+    ``g + lam * (1 - m) * W`` (term once, as a fresh layer's first step), and the schedule stays."""
+    lin, w, p = nm_linear(n=2, m=4, **options)
+    for _ in range(2):
+        p.after_step()
+    state, lam = p.current(), p.srste_lambda
+    c = torch.randn(4, 8, dtype=torch.float64)
+    expected = c + lam * (1 - hand_mask(w, 2, 4)) * w.detach()  # SR-STE, Zhou et al. 2021, eq. (5)
+    fresh, w_fresh, p_fresh = nm_linear(n=2, m=4, **options)
+    for _ in range(2):
+        p_fresh.after_step()
+    (fresh.weight * c).sum().backward()
+    torch.testing.assert_close(w_fresh.grad, expected, rtol=0, atol=1e-15)  # float64, the same two operations
+
+    (lin.weight * c).sum().backward()  # the step that turns out non-finite ...
+    w.grad = None                      # ... is skipped: its gradients are discarded
+    reparam.after_skipped_step(lin)
+    (lin.weight * c).sum().backward()  # the next step
+    torch.testing.assert_close(w.grad, expected, rtol=0, atol=1e-15)
+    assert (int(p.step), p.current()) == (2, state)  # the skipped step is not counted
+
+
 @pytest.mark.parametrize("grad_mode", ["ste", "exact"])
 def test_mdgf_forward_and_gradient_match_the_hand_formula(grad_mode):
     lin, w, p = nm_linear(n=1, m=4, recipe="mdgf", decay="exponential", decay_steps=20, grad_mode=grad_mode)
