@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from optimlib.registry import Registry
+
 DEFAULT_TARGET_MODULES = (r"(^|\.)(attn|attention|self_attn)\.", r"(^|\.)(mlp|ffn|feed_forward)\.")
 
 
@@ -48,31 +50,24 @@ class OptimizerSpec:
     description: str = ""
 
 
-_REGISTRY: dict[str, OptimizerSpec] = {}
+_REGISTRY: Registry[OptimizerSpec] = Registry("optimizer")
 
 
 def register_optimizer(name: str, build: Callable[..., torch.optim.Optimizer], *,
                        matrix_keys: Sequence[str] = (), shape_aware: bool = False,
                        defaults: dict | None = None, description: str = "") -> OptimizerSpec:
     """Register ``build(param_groups, **kwargs)`` under ``name`` (lower-case)."""
-    key = name.lower()
-    if key in _REGISTRY:
-        raise ValueError(f"optimizer {name!r} is already registered")
-    spec = OptimizerSpec(key, build, tuple(matrix_keys), shape_aware, dict(defaults or {}), description)
-    _REGISTRY[key] = spec
-    return spec
+    return _REGISTRY.add(name, OptimizerSpec(name.lower(), build, tuple(matrix_keys), shape_aware,
+                                             dict(defaults or {}), description))
 
 
 def list_optimizers() -> list[str]:
     """Names accepted by :func:`create_optimizer` (and the config's ``optim.name``)."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_optimizer_spec(name: str) -> OptimizerSpec:
-    try:
-        return _REGISTRY[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(list_optimizers())}") from None
+    return _REGISTRY.get(name)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -161,7 +156,7 @@ def create_optimizer(model: nn.Module, name: str = "adamw", *, lr: float = 1e-3,
 
 
 def matrix_optimizers() -> list[str]:
-    return sorted(n for n, s in _REGISTRY.items() if s.matrix_keys)
+    return [n for n in list_optimizers() if get_optimizer_spec(n).matrix_keys]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

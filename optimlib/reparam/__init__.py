@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from optimlib.optim.factory import target_linears
+from optimlib.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -48,30 +49,22 @@ class ReparamSpec:
     description: str = ""
 
 
-_REGISTRY: dict[str, ReparamSpec] = {}
+_REGISTRY: Registry[ReparamSpec] = Registry("reparameterization")
 
 
 def register_reparam(name: str, convert: Callable[..., nn.Module], *, defaults: dict | None = None,
                      description: str = "") -> ReparamSpec:
     """Register ``convert(linear, **options) -> nn.Module`` under ``name`` (lower-case)."""
-    key = name.lower()
-    if key in _REGISTRY:
-        raise ValueError(f"reparameterization {name!r} is already registered")
-    spec = ReparamSpec(key, convert, dict(defaults or {}), description)
-    _REGISTRY[key] = spec
-    return spec
+    return _REGISTRY.add(name, ReparamSpec(name.lower(), convert, dict(defaults or {}), description))
 
 
 def list_reparams() -> list[str]:
     """Names accepted by :func:`apply` (and the config's ``reparam.method``)."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_reparam_spec(name: str) -> ReparamSpec:
-    try:
-        return _REGISTRY[name.lower()]
-    except (KeyError, AttributeError):
-        raise ValueError(f"unknown reparameterization {name!r}; known: {', '.join(list_reparams())}") from None
+    return _REGISTRY.get(name)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
