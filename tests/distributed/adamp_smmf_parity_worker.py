@@ -19,15 +19,11 @@ how much of the difference the data-parallel gradient averaging alone makes.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from optimlib.distributed.teardown import exit_process, leave_process_group
+from parity_common import deepspeed_train, fsdp2_resume_diff, full_params, main, per_rank, rank_slice, train
 
 STEPS = 10
 GLOBAL_BATCH = 8
@@ -80,32 +76,22 @@ def loss_fn(model, x, img, t1, t2):
     return F.mse_loss(y, t1.expand_as(y)) + F.mse_loss(c, t2.expand_as(c))
 
 
-def make_model():
-    torch.manual_seed(0)
+def make_model(seed=0):
+    torch.manual_seed(seed)
     return Net()
 
 
-def unwrap_optimizer(opt):
-    """The client optimizer inside DeepSpeed's ZeRO wrappers."""
-    while type(opt).__module__.startswith("deepspeed") and getattr(opt, "optimizer", None) not in (None, opt):
-        opt = opt.optimizer
-    return opt
+def local_loss(model, batch, lo, hi):
+    x, img, t1, t2 = batch
+    return loss_fn(model, x[lo:hi], img[lo:hi], t1, t2)
 
 
-def _sharded_setup(model, world):
+def shard(model, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     return model
-
-
-def _train(model, opt, data, lo, hi):
-    for x, img, t1, t2 in data:
-        loss = loss_fn(model, x[lo:hi], img[lo:hi], t1, t2)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
 
 def _replicated_bytes(opt) -> int:
@@ -116,30 +102,6 @@ def _replicated_bytes(opt) -> int:
                if k in ("step", "exp_avg_col", "exp_avg_sq_col", "indices") and isinstance(v, torch.Tensor))
 
 
-def _fsdp2_resume_diff(opt_name, lr, wd, kwargs, world, lo, hi, ckpt_dir, reference) -> float:
-    """Train 5 steps, save with torch.distributed.checkpoint, rebuild, load, train 5 more."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from optimlib.optim import create_optimizer
-
-    data = list(batches())
-    model = _sharded_setup(make_model(), world)
-    opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
-    _train(model, opt, data[:5], lo, hi)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
-    torch.manual_seed(99)
-    model = _sharded_setup(Net(), world)
-    opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
-    msd, osd = get_state_dict(model, opt)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=ckpt_dir)
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    _train(model, opt, data[5:], lo, hi)
-    return max((p.full_tensor() - reference[n]).abs().max().item() for n, p in model.named_parameters())
-
-
 def run(engine: str, name: str, out: str) -> dict:
     from optimlib.optim import create_optimizer, optimizer_state_bytes
 
@@ -147,72 +109,30 @@ def run(engine: str, name: str, out: str) -> dict:
     kwargs = dict(kwargs)
     lr, wd = kwargs.pop("lr"), kwargs.pop("weight_decay")
     model = make_model()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    per = GLOBAL_BATCH // world
-    lo, hi = rank * per, (rank + 1) * per
+    world, lo, hi = rank_slice(GLOBAL_BATCH)
     result = {}
 
     if engine in ("single", "fsdp2"):
         if engine == "fsdp2":
-            _sharded_setup(model, world)
+            shard(model, world)
         opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
-        _train(model, opt, batches(), lo, hi)
-        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                  for n, p in model.named_parameters()}
+        train(model, opt, batches(), local_loss, lo, hi)
+        params = full_params(model)
         client = opt
         if engine == "fsdp2":
-            result["resume_max_abs_diff"] = _fsdp2_resume_diff(
-                opt_name, lr, wd, kwargs, world, lo, hi, f"{out}.ckpt-{name}", params)
-    else:
-        import deepspeed
+            def build(seed):
+                model = shard(make_model(seed), world)
+                return model, create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
 
-        stage = int(engine[2:])
-        opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, per_parameter_groups=True, **kwargs)
-        cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": per,
-               "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-               "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage},
-               "steps_per_print": 10 ** 9}
-        ds, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
-        for x, img, t1, t2 in batches():
-            loss = loss_fn(ds, x[lo:hi], img[lo:hi], t1, t2)
-            ds.backward(loss)
-            ds.step()
-        client = unwrap_optimizer(ds_opt)
-        params = {}
-        for n, p in ds.module.named_parameters():
-            if hasattr(p, "ds_id"):
-                with deepspeed.zero.GatheredParameters([p]):
-                    params[n] = p.detach().clone()
-            else:
-                params[n] = p.detach().clone()
-    state = torch.tensor([optimizer_state_bytes(client), _replicated_bytes(client)], dtype=torch.int64)
-    if world > 1:
-        every = [torch.zeros_like(state) for _ in range(world)]
-        dist.all_gather(every, state)
-        state = torch.stack(every)
+            result["resume_max_abs_diff"] = fsdp2_resume_diff(
+                build, list(batches()), 5, local_loss, lo, hi, f"{out}.ckpt-{name}", params)
     else:
-        state = state[None]
-    result.update(params=params, state_bytes=state[:, 0].tolist(), replicated_bytes=state[:, 1].tolist())
+        opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, per_parameter_groups=True, **kwargs)
+        client, params = deepspeed_train(engine, model, opt, batches(), local_loss, GLOBAL_BATCH, lo, hi)
+    state_bytes, replicated_bytes = per_rank([optimizer_state_bytes(client), _replicated_bytes(client)], world)
+    result.update(params=params, state_bytes=state_bytes, replicated_bytes=replicated_bytes)
     return result
 
 
-def main(engine: str, out: str, names=tuple(OPTIMIZERS)) -> dict:
-    if engine != "single":
-        if engine.startswith("ds"):
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend="gloo")
-        else:
-            dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    results = {name: run(engine, name, out) for name in names}
-    if engine == "single" or dist.get_rank() == 0:
-        torch.save(results, out)
-    leave_process_group()
-    return results
-
-
 if __name__ == "__main__":
-    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(argv[0], argv[1], tuple(argv[2:]) or tuple(OPTIMIZERS))
-    exit_process(0)
+    main(run, lambda engine: tuple(OPTIMIZERS))

@@ -20,14 +20,11 @@ weight gradient of full numerical rank, so every basis is well defined.
 
 from __future__ import annotations
 
-import sys
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from optimlib.distributed.teardown import exit_process, leave_process_group
+from parity_common import deepspeed_train, fsdp2_resume_diff, full_params, main, per_rank, rank_slice, train
 
 STEPS = 8
 GLOBAL_BATCH = 64
@@ -80,13 +77,6 @@ def make_model(seed=0):
     return Net()
 
 
-def unwrap_optimizer(opt):
-    """The client optimizer inside DeepSpeed's ZeRO wrappers."""
-    while type(opt).__module__.startswith("deepspeed") and getattr(opt, "optimizer", None) not in (None, opt):
-        opt = opt.optimizer
-    return opt
-
-
 def build(model, cfg, per_parameter_groups=False):
     from optimlib.optim import create_optimizer
 
@@ -107,11 +97,9 @@ def shard(model, world):
     return model
 
 
-def train(model, opt, data, lo, hi):
-    for x, y in data:
-        F.mse_loss(model(x[lo:hi]), y[lo:hi]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+def local_loss(model, batch, lo, hi):
+    x, y = batch
+    return F.mse_loss(model(x[lo:hi]), y[lo:hi])
 
 
 def train_accumulated(model, opt, data, lo, hi, layerwise: bool):
@@ -129,40 +117,11 @@ def train_accumulated(model, opt, data, lo, hi, layerwise: bool):
             opt.zero_grad(set_to_none=True)
 
 
-def full_params(model):
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
-
-
-def fsdp2_resume(cfg, world, lo, hi, ckpt_dir, reference) -> float:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    data = list(batches())
-    model = shard(make_model(), world)
-    opt = build(model, cfg)
-    train(model, opt, data[:4], lo, hi)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
-    model = shard(make_model(seed=99), world)
-    opt = build(model, cfg)
-    msd, osd = get_state_dict(model, opt)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=ckpt_dir)
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    train(model, opt, data[4:], lo, hi)
-    return max((p.full_tensor() - reference[n]).abs().max().item() for n, p in model.named_parameters())
-
-
 def run(engine: str, name: str, out: str) -> dict:
     from optimlib.optim import optimizer_state_bytes
 
     cfg = CONFIGS[name] if name in CONFIGS else LAYERWISE[name]
-    model = make_model()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    per = GLOBAL_BATCH // world
-    lo, hi = rank * per, (rank + 1) * per
-    result = {}
+    world, lo, hi = rank_slice(GLOBAL_BATCH)
     if name in LAYERWISE:
         out_params = {}
         for mode in ("normal", "layerwise"):
@@ -173,68 +132,30 @@ def run(engine: str, name: str, out: str) -> dict:
             train_accumulated(model, opt, batches(), lo, hi, layerwise=(mode == "layerwise"))
             out_params[mode] = full_params(model)
         return {"params": out_params["layerwise"], "normal_params": out_params["normal"]}
+    model = make_model()
+    result = {}
     if engine in ("single", "fsdp2"):
         if engine == "fsdp2":
             shard(model, world)
         opt = build(model, cfg)
-        train(model, opt, batches(), lo, hi)
+        train(model, opt, batches(), local_loss, lo, hi)
         params = full_params(model)
         client = opt
         if engine == "fsdp2" and name in ("svd", "randomized_int8", "dct_int8_rotate"):
-            result["resume_max_abs_diff"] = fsdp2_resume(cfg, world, lo, hi, f"{out}.ckpt-{name}", params)
-    else:
-        import deepspeed
+            def rebuild(seed):
+                model = shard(make_model(seed), world)
+                return model, build(model, cfg)
 
-        stage = int(engine[2:])
-        opt = build(model, cfg, per_parameter_groups=True)
-        ds_cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": per,
-                  "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-                  "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage},
-                  "steps_per_print": 10 ** 9}
-        ds, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg,
-                                                dist_init_required=False)
-        for x, y in batches():
-            ds.backward(F.mse_loss(ds(x[lo:hi]), y[lo:hi]))
-            ds.step()
-        client = unwrap_optimizer(ds_opt)
-        params = {}
-        for n, p in ds.module.named_parameters():
-            if hasattr(p, "ds_id"):
-                with deepspeed.zero.GatheredParameters([p]):
-                    params[n] = p.detach().clone()
-            else:
-                params[n] = p.detach().clone()
-    ranks = [int(s["rank"]) for s in client.state.values() if "rank" in s]
-    state = torch.tensor([optimizer_state_bytes(client), sum(ranks)], dtype=torch.int64)
-    if world > 1:
-        every = [torch.zeros_like(state) for _ in range(world)]
-        dist.all_gather(every, state)
-        state = torch.stack(every)
+            result["resume_max_abs_diff"] = fsdp2_resume_diff(
+                rebuild, list(batches()), 4, local_loss, lo, hi, f"{out}.ckpt-{name}", params)
     else:
-        state = state[None]
-    result.update(params=params, state_bytes=state[:, 0].tolist(), rank_sum=state[:, 1].tolist())
+        opt = build(model, cfg, per_parameter_groups=True)
+        client, params = deepspeed_train(engine, model, opt, batches(), local_loss, GLOBAL_BATCH, lo, hi)
+    ranks = [int(s["rank"]) for s in client.state.values() if "rank" in s]
+    state_bytes, rank_sum = per_rank([optimizer_state_bytes(client), sum(ranks)], world)
+    result.update(params=params, state_bytes=state_bytes, rank_sum=rank_sum)
     return result
 
 
-def main(engine: str, out: str, names=None) -> dict:
-    if not names:
-        names = tuple(CONFIGS) + (tuple(LAYERWISE) if engine in ("single", "fsdp2") else ())
-    if engine != "single":
-        if engine.startswith("ds"):
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend="gloo")
-        else:
-            dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    results = {name: run(engine, name, out) for name in names}
-    if engine == "single" or dist.get_rank() == 0:
-        torch.save(results, out)
-    leave_process_group()
-    return results
-
-
 if __name__ == "__main__":
-    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(argv[0], argv[1], tuple(argv[2:]))
-    exit_process(0)
+    main(run, lambda engine: tuple(CONFIGS) + (tuple(LAYERWISE) if engine in ("single", "fsdp2") else ()))

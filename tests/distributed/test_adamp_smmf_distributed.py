@@ -25,35 +25,23 @@ replicated by design (so are GaLore's r int32 DCT indices per matrix).  FSDP2 re
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import launch
+from parity_checks import ENGINES, assert_params_close, run_worker, single_run_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 WORKER = Path(__file__).with_name("adamp_smmf_parity_worker.py")
 RTOL = 2e-5
 NAMES = ("adamw", "adamp", "sgdp", "smmf", "galore_smmf", "galore_adamp")
+single = single_run_fixture(WORKER)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "single.pt"
-    launch(WORKER, ["single", str(out)], launcher="python", timeout=180)
-    return torch.load(out, weights_only=True)
-
-
-@pytest.mark.parametrize("engine", ["fsdp2", "ds1", "ds2", "ds3"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_two_ranks_match_one_process(single, tmp_path, engine):
-    out = tmp_path / f"{engine}.pt"
-    launch(WORKER, [engine, str(out)], launcher="torchrun", nproc=2, timeout=300)
-    got = torch.load(out, weights_only=True)
+    got = run_worker(WORKER, engine, tmp_path / f"{engine}.pt")
     for name in NAMES:
         ref, res = single[name], got[name]
-        for pname, a in ref["params"].items():
-            b = res["params"][pname]
-            err = ((a - b).abs().max() / a.abs().max()).item()
-            assert err <= RTOL, (engine, name, pname, err)
+        assert_params_close(ref["params"], res["params"], RTOL, engine, name)
         one = ref["state_bytes"][0]
         one_shared = ref["replicated_bytes"][0]
         for bytes_, shared in zip(res["state_bytes"], res["replicated_bytes"]):

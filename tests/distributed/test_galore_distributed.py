@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launch
+from parity_checks import ENGINES, assert_params_close, run_worker, single_run_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -43,34 +43,22 @@ WORKER = Path(__file__).with_name("galore_parity_worker.py")
 TOLERANCE = {"dct": 2e-6, "random": 2e-6, "svd": 1e-4, "randomized": 1e-4, "randomized_rotate_stagger": 1e-4,
              "svd_adaptive_reset": 1e-4, "randomized_reverse_std": 1e-4, "randomized_int8": 3e-3,
              "dct_int8_rotate": 3e-3}
+single = single_run_fixture(WORKER)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("galore_single") / "single.pt"
-    launch(WORKER, ["single", str(out)], launcher="python", timeout=180)
-    return torch.load(out, weights_only=True)
-
-
-@pytest.mark.parametrize("engine", ["fsdp2", "ds1", "ds2", "ds3"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_two_ranks_match_one_process(single, tmp_path, engine):
-    out = tmp_path / f"{engine}.pt"
-    launch(WORKER, [engine, str(out)], launcher="torchrun", nproc=2, timeout=300)
-    got = torch.load(out, weights_only=True)
+    got = run_worker(WORKER, engine, tmp_path / f"{engine}.pt")
     if engine == "fsdp2":
         lw, ref = got.pop("layerwise_acc4"), single["layerwise_acc4"]
         for pname, a in ref["params"].items():
             assert torch.equal(ref["normal_params"][pname], a), pname        # one process: exact
             assert torch.equal(lw["normal_params"][pname], lw["params"][pname]), pname   # FSDP2: exact
-            err = ((a - lw["params"][pname]).abs().max() / a.abs().max()).item()
-            assert err <= 1e-4, ("layerwise", pname, err)
+        assert_params_close(ref["params"], lw["params"], 1e-4, "layerwise")
     assert set(got) == set(TOLERANCE)
     for name, tol in TOLERANCE.items():
         ref, res = single[name], got[name]
-        for pname, a in ref["params"].items():
-            b = res["params"][pname]
-            err = ((a - b).abs().max() / a.abs().max()).item()
-            assert err <= tol, (engine, name, pname, err)
+        assert_params_close(ref["params"], res["params"], tol, engine, name)
         assert res["rank_sum"] == [ref["rank_sum"][0]] * 2, (engine, name)   # same adaptive ranks
         one = ref["state_bytes"][0]
         for bytes_ in res["state_bytes"]:

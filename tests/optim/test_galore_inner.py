@@ -22,7 +22,6 @@ bytes on llama_60m (``python tests/optim/test_galore_inner.py`` prints the table
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -33,6 +32,8 @@ import optimlib
 from optimlib import GaLoreAdamW
 from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes
 from optimlib.optim.bitpack import unpack_bits
+
+from resume_check import assert_resumes_exactly
 
 adamp_pkg = pytest.importorskip("adamp")
 
@@ -383,37 +384,7 @@ def test_state_dict_round_trip_resumes_exactly(case):
                   {"params": [model[0].bias, model[1].weight, model[1].bias, model[2].bias]}]
         return GaLoreAdamW(groups, lr=1e-2, weight_decay=0.01, **opt_kw)
 
-    data = [torch.randn(16, 9, generator=torch.Generator().manual_seed(i)) for i in range(6)]
-
-    def train(model, opt, xs):
-        for x in xs:
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-
-    model = make()
-    opt = optimizer(model)
-    train(model, opt, data)
-    full = [p.detach().clone() for p in model.parameters()]
-
-    model = make()
-    opt = optimizer(model)
-    train(model, opt, data[:3])
-    dtypes = {(i, k): v.dtype for i, st in enumerate(opt.state.values()) for k, v in st.items()
-              if isinstance(v, torch.Tensor)}
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model = make()
-    model.load_state_dict(ckpt["model"])
-    opt = optimizer(model)
-    opt.load_state_dict(ckpt["opt"])
-    assert dtypes == {(i, k): v.dtype for i, st in enumerate(opt.state.values()) for k, v in st.items()
-                      if isinstance(v, torch.Tensor)}
-    train(model, opt, data[3:])
-    for a, b in zip(full, model.parameters()):
-        assert torch.equal(a, b.detach())
+    assert_resumes_exactly(make, optimizer)
 
 
 def test_bf16_parameters_keep_float32_smmf_factors_through_a_checkpoint():
