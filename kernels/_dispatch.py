@@ -161,7 +161,12 @@ def _interpreting():
             JITFunction.__call__ = original
 
 
-_LAUNCH_ONLY = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_LAUNCH_ONLY = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
+
+# Compiled launches do not contract ``a * b + c`` into one FMA: eager PyTorch rounds the product
+# and the sum separately, and the kernels are written to round like their twins.  Explicit, also
+# because Triton 3.10 changes the default (3.9 warns when it is left unset).
+_COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 _RECORDERS: list = []
@@ -203,7 +208,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if InterpretedFunction is not None and isinstance(kernel, InterpretedFunction):
         kernel[grid](*args, **meta)      # decorated under TRITON_INTERPRET=1: triton interprets everything
     elif not interpreted(kernel, [a for a in args if isinstance(a, torch.Tensor)]):
-        kernel[grid](*args, **kwargs)
+        kernel[grid](*args, **{**_COMPILE_OPTIONS, **kwargs})
     else:
         with _interpreting():
             _interpreted(kernel.fn)[grid](*args, **meta)
@@ -359,7 +364,7 @@ def compile_for_cuda(kernel, args: tuple, kwargs: dict, arch: int = 90) -> dict:
             signature[p.name] = "fp32"
         else:
             raise TypeError(f"cannot type argument {p.name}={value!r}")
-    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    options = {**_COMPILE_OPTIONS, **{k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}}
     src = ASTSource(fn=jitted, signature=signature, constexprs=constexprs)
     from triton import knobs
     log = io.StringIO()

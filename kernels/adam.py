@@ -35,9 +35,10 @@ and requantize, as in :class:`optimlib.optim.galore.GaLoreAdamW` (``moments_dtyp
 
 Kernel: memory-bound, one read of each input and one write of each output (plain: 3 reads, 3
 writes; 8-bit: 1 + 2 x (1 + 4/block) bytes read and written per element besides ``g`` and ``n``).
-The fp32 arithmetic uses IEEE division and square root (``div_rn``, ``sqrt_rn``); on a GPU Triton
-may still contract ``a * b + c`` into an FMA, so the kernel and the twin agree to a few ulp, not
-bitwise (the tests state the tolerances).
+The fp32 arithmetic uses IEEE division and square root (``div_rn``, ``sqrt_rn``), and compiled
+launches do not contract ``a * b + c`` into an FMA (:mod:`optimlib.kernels._dispatch`); the tests
+compare the kernel and the twin to a few ulp (tolerances stated there): bitwise agreement on a
+GPU has not been checked (no GPU run yet).
 """
 
 import torch

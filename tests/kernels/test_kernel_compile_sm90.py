@@ -90,3 +90,7 @@ def test_compiles_for_sm90_without_spills(name, kernel, args, kwargs):
     info = _dispatch.compile_for_cuda(kernel, args, kwargs, arch=90)
     assert info["registers"] is not None and info["registers"] <= 255
     assert info["spill_bytes"] == 0, f"{name}: {info['kernel']} spills {info['spill_bytes']} bytes"
+    # Compiled without FMA contraction of a * b + c, as launch() runs them (tl.dot and tl.fma still
+    # use FMAs: that is their definition).
+    assert info["compiled"].metadata.enable_fp_fusion is False
+
