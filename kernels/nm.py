@@ -20,6 +20,11 @@ than ``N`` entries of its group beat it (larger ``|w|``, or equal ``|w|`` at a l
 is a branch-free ``M x M`` comparison per group in registers -- and :func:`nm_grad` is the
 elementwise backward (one pass over ``g``, ``W`` and the 1-byte mask).
 
+``beta`` reaches the ops as a 0-d float32 tensor (the public functions also take a Python float):
+MDGF changes it every optimizer step, and a tensor, unlike a float, is not baked into a
+``torch.compile`` graph, so the graph is reused for the whole decay window instead of being
+recompiled each step.
+
 Tie rule.  ``torch.topk`` leaves the choice among equal magnitudes unspecified; this op fixes it
 (lower index), in the twin (a stable descending sort) and in the kernel alike, so the two agree
 bit-for-bit on the mask.  Without ties -- almost surely for trained float weights -- the mask is
@@ -49,18 +54,18 @@ def nm_mask_reference(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True).reshape(weight.shape)
 
 
-def _scale(mask: torch.Tensor, beta: float, dtype: torch.dtype) -> torch.Tensor:
-    if beta == 0.0:
-        return mask.to(dtype)
+def _scale(mask: torch.Tensor, beta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``s`` in ``dtype``: 1 where kept, ``beta`` (a 0-d float32 tensor) rounded to ``dtype`` where pruned."""
     return torch.where(mask, 1.0, beta).to(dtype)
 
 
-def nm_mask_apply_reference(weight: torch.Tensor, n: int, m: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def nm_mask_apply_reference(weight: torch.Tensor, n: int, m: int,
+                            beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mask = nm_mask_reference(weight, n, m)
     return weight * _scale(mask, beta, weight.dtype), mask
 
 
-def nm_grad_reference(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, beta: float, lam: float,
+def nm_grad_reference(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, beta: torch.Tensor, lam: float,
                       exact: bool, pending: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient (``pending`` is only read: the op clears it)."""
     out = grad * _scale(mask, beta, grad.dtype) if exact else grad
@@ -71,7 +76,7 @@ def nm_grad_reference(grad: torch.Tensor, weight: torch.Tensor | None, mask: tor
 
 # ----------------------------------------------------------------------------- Triton
 @jit
-def _mask_kernel(w_ptr, out_ptr, mask_ptr, R, C, groups_per_row, num_groups, sw0, sw1, beta,
+def _mask_kernel(w_ptr, out_ptr, mask_ptr, R, C, groups_per_row, num_groups, sw0, sw1, beta_ptr,
                  N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, IDX: tl.constexpr, BG: tl.constexpr):
     q = (tl.program_id(0) * BG + tl.arange(0, BG)).to(IDX)       # (row, group) pairs
     row = q // groups_per_row
@@ -87,14 +92,14 @@ def _mask_kernel(w_ptr, out_ptr, mask_ptr, R, C, groups_per_row, num_groups, sw0
     rank = tl.sum(beats.to(tl.int32), axis=2)
     keep = rank < N
     dtype = w_ptr.dtype.element_ty
-    s = tl.where(keep, 1.0, round_through(tl.zeros_like(x) + beta, dtype))
+    s = tl.where(keep, 1.0, round_through(tl.zeros_like(x) + tl.load(beta_ptr), dtype))
     flat = row[:, None] * C + cols
     tl.store(out_ptr + flat, cast_rn(x * s, dtype), mask=valid)
     tl.store(mask_ptr + flat, keep.to(tl.int8), mask=valid)
 
 
 @jit
-def _grad_kernel(g_ptr, w_ptr, mask_ptr, pending_ptr, out_ptr, R, C, sg0, sg1, sw0, sw1, beta, lam,
+def _grad_kernel(g_ptr, w_ptr, mask_ptr, pending_ptr, out_ptr, R, C, sg0, sg1, sw0, sw1, beta_ptr, lam,
                  EXACT: tl.constexpr, HAS_LAM: tl.constexpr, HAS_PENDING: tl.constexpr, IDX: tl.constexpr,
                  BR: tl.constexpr, BC: tl.constexpr):
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(IDX)[:, None]
@@ -104,7 +109,7 @@ def _grad_kernel(g_ptr, w_ptr, mask_ptr, pending_ptr, out_ptr, R, C, sg0, sg1, s
     g = tl.load(g_ptr + rows * sg0 + cols * sg1, mask=ok, other=0.0).to(tl.float32)
     keep = tl.load(mask_ptr + rows * C + cols, mask=ok, other=0) != 0
     if EXACT:
-        s = tl.where(keep, 1.0, round_through(tl.zeros_like(g) + beta, odt))
+        s = tl.where(keep, 1.0, round_through(tl.zeros_like(g) + tl.load(beta_ptr), odt))
         g = round_through(g * s, odt)
     if HAS_LAM:
         w = tl.load(w_ptr + rows * sw0 + cols * sw1, mask=ok, other=0.0).to(tl.float32)
@@ -147,8 +152,9 @@ def _grad_triton(grad, weight, mask, beta, lam, exact, pending):
 
 # ----------------------------------------------------------------------------- ops
 @torch.library.custom_op("optimlib::nm_mask_apply", mutates_args=())
-def _mask_op(weight: torch.Tensor, n: int, m: int, beta: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(backend, (weight,)):
+def _mask_op(weight: torch.Tensor, n: int, m: int, beta: torch.Tensor,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(backend, (weight, beta)):
         return _mask_triton(weight, n, m, beta)
     out, mask = nm_mask_apply_reference(weight, n, m, beta)
     return out.contiguous(), mask.contiguous()
@@ -165,7 +171,7 @@ def _grad_dtype(grad: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
 
 
 def _grad(grad, weight, mask, pending, beta, lam, exact, backend) -> torch.Tensor:
-    if use_triton(backend, (grad, weight, mask, pending)):
+    if use_triton(backend, (grad, weight, mask, pending, beta)):
         return _grad_triton(grad, weight, mask, beta, lam, exact, pending)
     out = nm_grad_reference(grad, weight, mask, beta, lam, exact, pending)
     return out.clone() if out is grad else out.contiguous()
@@ -176,7 +182,7 @@ def _grad_fake(grad, weight, mask, *args):
 
 
 @torch.library.custom_op("optimlib::nm_grad", mutates_args=())
-def _grad_op(grad: torch.Tensor, weight: Optional[torch.Tensor], mask: torch.Tensor, beta: float, lam: float,
+def _grad_op(grad: torch.Tensor, weight: Optional[torch.Tensor], mask: torch.Tensor, beta: torch.Tensor, lam: float,
              exact: bool, backend: str) -> torch.Tensor:
     return _grad(grad, weight, mask, None, beta, lam, exact, backend)
 
@@ -184,7 +190,8 @@ def _grad_op(grad: torch.Tensor, weight: Optional[torch.Tensor], mask: torch.Ten
 # The same gradient with the once-per-step flag: a second op rather than an optional mutated
 # argument, which inductor cannot lower when it is None (torch 2.13).
 @torch.library.custom_op("optimlib::nm_grad_once", mutates_args=("pending",))
-def _grad_once_op(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, pending: torch.Tensor, beta: float,
+def _grad_once_op(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, pending: torch.Tensor,
+                  beta: torch.Tensor,
                   lam: float, exact: bool, backend: str) -> torch.Tensor:
     out = _grad(grad, weight, mask, pending, beta, lam, exact, backend)
     pending.fill_(False)                                 # after the read above, in stream order
@@ -196,21 +203,31 @@ _grad_once_op.register_fake(_grad_fake)
 
 
 # ----------------------------------------------------------------------------- public API
-def nm_mask_apply(weight: torch.Tensor, n: int, m: int, beta: float = 0.0, *,
+def _beta_tensor(beta, device: torch.device) -> torch.Tensor:
+    """``beta`` as the 0-d float32 tensor on ``device`` the ops take (a float, or such a tensor)."""
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() != 0 or not beta.is_floating_point():
+            raise ValueError(f"beta must be a float or a 0-d floating tensor, got shape {tuple(beta.shape)} "
+                             f"({beta.dtype})")
+        return beta.to(device=device, dtype=torch.float32)
+    return torch.tensor(float(beta), dtype=torch.float32, device=device)
+
+
+def nm_mask_apply(weight: torch.Tensor, n: int, m: int, beta: float | torch.Tensor = 0.0, *,
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W * s, mask)`` for the ``n:m`` mask along the last dimension (``s = 1`` kept, ``beta``
-    pruned).  Not differentiable by itself (the N:M parametrization's autograd function calls it
-    and :func:`nm_grad`)."""
+    pruned; ``beta`` a float or a 0-d tensor).  Not differentiable by itself (the N:M
+    parametrization's autograd function calls it and :func:`nm_grad`)."""
     if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
         raise ValueError(f"need integers 0 < n <= m, got n={n!r}, m={m!r}")
     if weight.dim() == 0 or weight.shape[-1] % m:
         raise ValueError(f"the last dimension ({tuple(weight.shape)[-1:] or 'none'}) is not a multiple of m={m}")
-    return _mask_op(weight, n, m, float(beta), resolve_backend(backend))
+    return _mask_op(weight, n, m, _beta_tensor(beta, weight.device), resolve_backend(backend))
 
 
-def nm_grad(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, *, beta: float = 0.0,
-            lam: float = 0.0, exact: bool = False, pending: torch.Tensor | None = None,
-            backend: str | None = None) -> torch.Tensor:
+def nm_grad(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, *,
+            beta: float | torch.Tensor = 0.0, lam: float = 0.0, exact: bool = False,
+            pending: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """The weight's gradient: ``g * s`` (``exact``) or ``g`` (straight-through), plus
     ``lam * (1 - mask) * W`` (SR-STE) when ``lam != 0`` (``weight`` may be ``None`` otherwise).
 
@@ -223,8 +240,9 @@ def nm_grad(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor,
                          f"a bool mask {tuple(mask.shape)} ({mask.dtype}) must have one shape")
     if pending is not None and (pending.shape != () or pending.dtype != torch.bool):
         raise ValueError(f"pending must be a 0-d bool tensor, got shape {tuple(pending.shape)} ({pending.dtype})")
+    beta_t = _beta_tensor(beta, grad.device)
     if pending is None:
-        return _grad_op(grad, weight, mask, float(beta), float(lam), bool(exact), resolve_backend(backend))
+        return _grad_op(grad, weight, mask, beta_t, float(lam), bool(exact), resolve_backend(backend))
     if weight is None:
         raise ValueError("pending (the once-per-step SR-STE flag) needs the weight")
-    return _grad_once_op(grad, weight, mask, pending, float(beta), float(lam), bool(exact), resolve_backend(backend))
+    return _grad_once_op(grad, weight, mask, pending, beta_t, float(lam), bool(exact), resolve_backend(backend))

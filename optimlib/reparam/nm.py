@@ -132,9 +132,11 @@ class _MaskedWeight(torch.autograd.Function):
     is set, which the backward then clears."""
 
     @staticmethod
-    def forward(ctx, weight, pending, n: int, m: int, beta: float, lam: float, exact: bool):
+    def forward(ctx, weight, pending, n: int, m: int, beta, lam: float, exact: bool):
         out, mask = nm_mask_apply(weight, n, m, beta)
-        ctx.beta, ctx.lam, ctx.exact = beta, lam, exact
+        # beta: a float, or the layer's 0-d buffer -- copied, so the backward uses this forward's value
+        ctx.beta = beta.clone() if isinstance(beta, torch.Tensor) else beta
+        ctx.lam, ctx.exact = lam, exact
         ctx.save_for_backward(mask, weight if lam else None)
         ctx.pending = pending  # not saved: the backward mutates it (no version check wanted)
         return out
@@ -319,6 +321,9 @@ class NMSparsity(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self._position = 0  # Python mirror of ``step``: no device sync in forward
         self._state = schedule.state(0)  # replaced only when the schedule changes it (see current)
+        # The pruned weights' forward scale: a tensor the forward passes to the ops, so that MDGF's
+        # beta, which changes every step of its decay window, is not a constant of a compiled graph.
+        self.register_buffer("pruned_scale", torch.tensor(self._state.beta, dtype=torch.float32), persistent=False)
         # The SR-STE term is still to go into this optimizer step's gradient (cleared by the backward).
         self.register_buffer("decay_pending", torch.ones((), dtype=torch.bool), persistent=False)
 
@@ -333,14 +338,16 @@ class NMSparsity(nn.Module):
     def current(self) -> NMState:
         """The state the next training forward applies.  Held, not recomputed from the step in the
         forward, so that ``torch.compile`` guards on the state rather than on the step count and
-        recompiles only when the state changes (never for ste/srste; mdgf's beta changes every
-        step of its decay window)."""
+        recompiles only when the mask's structure changes (dense -> sparse, sdgf's next pattern):
+        mdgf's beta reaches the forward through the ``pruned_scale`` buffer, not this object."""
         return self._state
 
     def _set_position(self, position: int) -> None:
         self._position = position
         state = self.schedule.state(position)
         if state != self._state:
+            if state.beta != self._state.beta:
+                self.pruned_scale.fill_(state.beta)
             self._state = state
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -350,7 +357,8 @@ class NMSparsity(nn.Module):
         st = self.current()
         if st.dense:
             return weight
-        return _MaskedWeight.apply(weight, self.decay_pending, st.n, st.m, st.beta, self.srste_lambda, self.exact)
+        return _MaskedWeight.apply(weight, self.decay_pending, st.n, st.m, self.pruned_scale, self.srste_lambda,
+                                   self.exact)
 
     def after_step(self, optimizer=None) -> None:
         """Advance the schedule by one optimizer step (and re-arm the SR-STE term)."""

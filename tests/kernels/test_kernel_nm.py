@@ -31,6 +31,29 @@ def test_mask_apply_matches_twin_bitwise(device, dtype, n, m, beta):
     assert (mask_r.reshape(-1, m).sum(1) == n).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_beta_as_a_tensor_equals_beta_as_a_float(device, dtype):
+    """The ops take beta as a 0-d tensor (what the N:M layer passes, so a compiled graph is not
+    tied to its value); a float gives the same bits, and so does the hand formula
+    ``W * where(mask, 1, beta)`` with ``s`` rounded to the weight's dtype."""
+    W = _weight(13, 24, dtype, device)
+    g = torch.randn(24, 13, device=device).to(dtype).t()
+    for backend in ("triton", "reference"):
+        out_f, mask = nm_mask_apply(W, 2, 4, 0.3, backend=backend)
+        out_t, mask_t = nm_mask_apply(W, 2, 4, torch.tensor(0.3, dtype=torch.float64, device=device), backend=backend)
+        assert torch.equal(mask, mask_t) and torch.equal(out_f, out_t)
+        assert torch.equal(out_t, W * torch.where(mask, 1.0, torch.tensor(0.3)).to(device=device, dtype=dtype))
+        d_f = nm_grad(g, W, mask, beta=0.3, exact=True, backend=backend)
+        d_t = nm_grad(g, W, mask, beta=torch.tensor(0.3, device=device), exact=True, backend=backend)
+        assert torch.equal(d_f, d_t)
+
+
+@pytest.mark.parametrize("beta", [torch.ones(2), torch.tensor(1)])
+def test_beta_must_be_a_float_or_0d_float_tensor(beta):
+    with pytest.raises(ValueError, match="beta must be a float or a 0-d floating tensor"):
+        nm_mask_apply(torch.zeros(3, 8), 2, 4, beta)
+
+
 def test_tie_rule_and_library_mask():
     W = _weight(6, 8, torch.float32, "cpu")
     _, mask = nm_mask_apply(W, 2, 4, backend="triton")
@@ -134,12 +157,12 @@ def test_errors():
 
 @pytest.mark.parametrize("op", ["mask", "grad"])
 def test_opcheck(op):
-    W = torch.randn(4, 8)
+    W, beta = torch.randn(4, 8), torch.tensor(0.1)       # beta: the ops take a 0-d float32 tensor
     if op == "mask":
-        torch.library.opcheck(torch.ops.optimlib.nm_mask_apply.default, (W, 2, 4, 0.1, "triton"))
+        torch.library.opcheck(torch.ops.optimlib.nm_mask_apply.default, (W, 2, 4, beta, "triton"))
     else:
         _, mask = nm_mask_apply(W, 2, 4, backend="reference")
-        torch.library.opcheck(torch.ops.optimlib.nm_grad.default, (torch.randn(4, 8), W, mask, 0.1, 2e-4, True,
+        torch.library.opcheck(torch.ops.optimlib.nm_grad.default, (torch.randn(4, 8), W, mask, beta, 2e-4, True,
                                                                    "triton"))
         torch.library.opcheck(torch.ops.optimlib.nm_grad_once.default,
-                              (torch.randn(4, 8), W, mask, torch.tensor(True), 0.1, 2e-4, True, "triton"))
+                              (torch.randn(4, 8), W, mask, torch.tensor(True), beta, 2e-4, True, "triton"))

@@ -99,8 +99,7 @@ def test_layer_compiles_without_graph_breaks_and_matches_eager(name):
     batches = _micro_batches()
     want = _run(eager, eager, batches)
     got = _run(compiled, fn, batches)
-    # One graph, no recompilation across micro-batches and the step boundary (the layers' states do
-    # not change at this step; a new mdgf beta, a float, would recompile).
+    # One graph, no recompilation across micro-batches and the step boundary.
     assert counter.frame_count == 1
     for w, g in zip(want[0] + want[1], got[0] + got[1]):
         torch.testing.assert_close(g, w, **TOL)
@@ -117,3 +116,32 @@ def test_layer_compiles_without_graph_breaks_and_matches_eager(name):
         expected = sum(c.reshape(-1, D_OUT).t() @ x.reshape(-1, D_IN) for x, c in batches[:2])
         expected = expected + 0.5 * W * (~kept).reshape(W.shape)
         torch.testing.assert_close(got[2][0]["parametrizations.weight.original"], expected, **TOL)
+
+
+def test_mdgf_decay_window_reuses_one_compiled_graph():
+    """MDGF's beta changes every optimizer step of its decay window (exponential decay here).  It
+    reaches the ops as the layer's ``pruned_scale`` buffer, not as a Python float baked into the
+    graph, so one compiled frame serves every step (a float recompiled each step, and dynamo
+    falls back to eager for good after 8 recompiles); outputs and exact-mode gradients match
+    eager at every step."""
+    torch.manual_seed(0)
+    layer = nm_sparsify(nn.Linear(D_IN, D_OUT), n=2, m=4, recipe="mdgf", decay="exponential", decay_steps=20,
+                        grad_mode="exact")
+    eager, compiled = copy.deepcopy(layer), copy.deepcopy(layer)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    fn = torch.compile(compiled, backend=counter)
+    betas = []
+    for x, c in _micro_batches(12):
+        want, got = eager(x), fn(x)
+        torch.testing.assert_close(got, want, **TOL)
+        (want * c).sum().backward()
+        (got * c).sum().backward()
+        for (name, pe), pc in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, **TOL, msg=name)
+            pe.grad = pc.grad = None
+        reparam.after_step(eager)
+        reparam.after_step(compiled)
+        betas.append(compiled.parametrizations.weight[0].current().beta)
+    assert len(set(betas)) == 12 and 0 < betas[-1] < betas[0] < 1       # beta moved every step
+    assert counter.frame_count == 1
