@@ -21,7 +21,6 @@ when every rank's slice is row-aligned (FSDP2 with the parameter's own row view)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -201,11 +200,22 @@ class RowBlock:
                 f"rank={self.piece.rank}/{self.world_size})")
 
 
+def isqrt(n: int) -> int:
+    """``math.isqrt(n)`` (``n >= 0``) in plain integer arithmetic, which ``torch.compile`` folds
+    into a constant (``math.isqrt`` itself is a graph break): a float estimate, corrected."""
+    b = int(n ** 0.5)
+    while b * b > n:
+        b -= 1
+    while (b + 1) * (b + 1) <= n:
+        b += 1
+    return b
+
+
 def near_square(numel: int) -> tuple[int, int]:
     """``(a, b)`` with ``a * b == numel``, ``a >= b`` and ``a - b`` minimal."""
     if numel <= 0:
         return (max(numel, 0), 1) if numel == 0 else (0, 0)
-    b = math.isqrt(numel)
+    b = isqrt(numel)
     while numel % b:
         b -= 1
     return numel // b, b

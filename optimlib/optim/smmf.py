@@ -60,7 +60,7 @@ import math
 import torch
 
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
-from optimlib.distributed.row_block import FlatSlice, RowBlock, near_square
+from optimlib.distributed.row_block import FlatSlice, RowBlock, isqrt, near_square
 from optimlib.optim._common import OptimizerBase, check_choice, check_real
 from optimlib.kernels.smmf import smmf_decompress, smmf_factor_sums_, smmf_update_
 from optimlib.optim.bitpack import packed_numel
@@ -81,7 +81,7 @@ def smmf_matrix_shape(numel: int) -> tuple[int, int]:
     if numel <= 0:
         return (0, 1)
     a, b = near_square(numel)
-    cols = math.isqrt(numel)
+    cols = isqrt(numel)
     rows = -(-numel // cols)
     if a + b > 2 * (rows + cols):
         return rows, cols
