@@ -65,8 +65,8 @@ def nm_mask_apply_reference(weight: torch.Tensor, n: int, m: int,
     return weight * _scale(mask, beta, weight.dtype), mask
 
 
-def nm_grad_reference(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, beta: torch.Tensor, lam: float,
-                      exact: bool, pending: torch.Tensor | None = None) -> torch.Tensor:
+def nm_grad_reference(grad: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, beta: torch.Tensor,
+                      lam: float, exact: bool, pending: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient (``pending`` is only read: the op clears it)."""
     out = grad * _scale(mask, beta, grad.dtype) if exact else grad
     if lam:
@@ -204,13 +204,15 @@ _grad_once_op.register_fake(_grad_fake)
 
 # ----------------------------------------------------------------------------- public API
 def _beta_tensor(beta, device: torch.device) -> torch.Tensor:
-    """``beta`` as the 0-d float32 tensor on ``device`` the ops take (a float, or such a tensor)."""
+    """``beta`` as the 0-d float32 tensor on ``device`` the ops take (a float, or a 0-d floating
+    tensor, cast).  A float becomes a device-side fill, not a host-to-device copy, which on CUDA
+    would synchronize the stream at every call (the N:M layer's evaluation forward passes 0.0)."""
     if isinstance(beta, torch.Tensor):
         if beta.dim() != 0 or not beta.is_floating_point():
             raise ValueError(f"beta must be a float or a 0-d floating tensor, got shape {tuple(beta.shape)} "
                              f"({beta.dtype})")
         return beta.to(device=device, dtype=torch.float32)
-    return torch.tensor(float(beta), dtype=torch.float32, device=device)
+    return torch.full((), float(beta), dtype=torch.float32, device=device)
 
 
 def nm_mask_apply(weight: torch.Tensor, n: int, m: int, beta: float | torch.Tensor = 0.0, *,

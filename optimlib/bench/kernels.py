@@ -173,12 +173,13 @@ def _cases(m: int, n: int, r: int, device: torch.device, dtype: torch.dtype, tok
                 flops=2 * tokens * m * n + 8 * tokens * r * (m + n))
 
     # 6. N:M (2:4): W read; W~ and the 1-byte mask written.  Backward: g, W, mask read; dW written.
-    w_nm, g_nm = randn(m, n), randn(m, n)
+    #    beta is a 0-d device tensor, as the N:M layer passes it (a float would add a fill per call).
+    w_nm, g_nm, beta_nm = randn(m, n), randn(m, n), torch.zeros((), device=device)
     yield _Case("nm_mask_apply", plain, dtype, 2 * m * n * e + m * n,
-                lambda b: lambda: K.nm_mask_apply(w_nm, 2, 4, 0.0, backend=b))
+                lambda b: lambda: K.nm_mask_apply(w_nm, 2, 4, beta_nm, backend=b))
     mask = K.nm_mask_apply(w_nm, 2, 4, backend="reference")[1]
     yield _Case("nm_grad", plain, dtype, 3 * m * n * e + m * n,
-                lambda b: lambda: K.nm_grad(g_nm, w_nm, mask, lam=2e-4, backend=b))
+                lambda b: lambda: K.nm_grad(g_nm, w_nm, mask, beta=beta_nm, lam=2e-4, backend=b))
 
     # 7. Compander forward (theta read, W written) and backward (g, theta read; d theta written).
     theta = randn(m, n) * 0.02

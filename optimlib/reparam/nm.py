@@ -54,7 +54,11 @@ Kernels.  Mask and application are one op, :func:`optimlib.kernels.nm_mask_apply
 backward of every recipe is :func:`optimlib.kernels.nm_grad` (Triton kernels on CUDA, their eager
 twins on CPU): the parametrization has no maths of its own, so it computes the same on every
 device and compiles without graph breaks.  The backward keeps the mask (1 byte per weight), and
-the weight when there is an SR-STE term.
+the weight when there is an SR-STE term.  mdgf's ``beta(t)`` reaches the ops as a 0-d float32
+buffer (``pruned_scale``: not in the state dict, refilled when the schedule moves or is loaded,
+kept float32 under ``module.to(dtype)``), not as a Python float, so that ``torch.compile`` reuses
+one graph over the whole decay window; what the forward branches on (dense or not, ``n``, ``m``)
+changes only with the mask's structure, and only that recompiles.
 
 ``grad_mode="exact"`` gives any recipe the true gradient of its forward (pruned weights then get
 ``beta * g``, i.e. nothing under a binary mask).
@@ -371,6 +375,14 @@ class NMSparsity(nn.Module):
         which the discarded backward consumed, so that the next step's gradient carries it once;
         the schedule does not move (only applied steps count)."""
         self.decay_pending.fill_(True)
+
+    def _apply(self, fn, recurse=True):
+        # ``module.to(dtype)``, ``.bfloat16()`` etc. cast floating buffers: keep beta's buffer
+        # float32 and exact (the ops round it to the weight's dtype themselves), so that a round
+        # trip (bf16 and back) does not leave beta rounded until the schedule next moves.
+        super()._apply(fn, recurse)
+        self.pruned_scale = torch.full((), self._state.beta, dtype=torch.float32, device=self.pruned_scale.device)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

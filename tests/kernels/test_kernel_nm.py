@@ -54,6 +54,26 @@ def test_beta_must_be_a_float_or_0d_float_tensor(beta):
         nm_mask_apply(torch.zeros(3, 8), 2, 4, beta)
 
 
+def test_a_float_beta_becomes_a_device_fill_not_a_host_copy():
+    """A float beta (the N:M layer's evaluation forward passes 0.0) is made on the weight's device
+    by ``aten.full``, not built on the host and copied (``torch.tensor(..., device=...)``: a copy
+    from pageable host memory, which on CUDA waits for the stream's queued work at every call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    W, g, seen = torch.randn(4, 8), torch.randn(4, 8), []
+    with Ops():
+        _, mask = nm_mask_apply(W, 2, 4, 0.3, backend="reference")
+        nm_grad(g, W, mask, beta=0.3, exact=True, backend="reference")
+    aten = torch.ops.aten
+    assert seen == [aten.full.default, torch.ops.optimlib.nm_mask_apply.default,
+                    aten.full.default, torch.ops.optimlib.nm_grad.default]
+
+
 def test_tie_rule_and_library_mask():
     W = _weight(6, 8, torch.float32, "cpu")
     _, mask = nm_mask_apply(W, 2, 4, backend="triton")

@@ -238,6 +238,31 @@ def test_eval_and_no_grad_use_the_binary_target_mask():
     torch.testing.assert_close(lin.weight, target)
 
 
+def test_mdgf_beta_buffer_stays_float32_under_dtype_casts():
+    """mdgf's beta reaches the ops as a 0-d buffer; ``module.to(dtype)`` casts floating buffers,
+    but this one stays float32 and exact, so a bf16 layer scales its pruned weights by beta
+    rounded once to bf16, bit for bit as with a Python float beta (``where(mask, 1, beta)``), and
+    a round trip through bf16 does not leave beta rounded (2/3 is not a bf16 number).  The
+    buffer is not in the state dict."""
+    lin, w, p = nm_linear(d_in=16, d_out=8, n=1, m=4, recipe="mdgf", decay="stepwise", decay_stages=3,
+                          decay_steps=9, grad_mode="exact")
+    for _ in range(3):
+        p.after_step()
+    beta = p.current().beta
+    assert beta == pytest.approx(2 / 3, rel=1e-15)
+    exact = torch.tensor(beta, dtype=torch.float32)
+    lin.to(torch.bfloat16)
+    assert torch.equal(p.pruned_scale, exact)
+    s = torch.where(hand_mask(w, 1, 4).bool(), 1.0, beta).to(torch.bfloat16)
+    assert torch.equal(lin.weight, w.detach() * s)
+    c = torch.randn(8, 16).to(torch.bfloat16)
+    (lin.weight * c).sum().backward()
+    assert torch.equal(w.grad, c * s)                 # exact mode: g * s
+    lin.double()
+    assert torch.equal(p.pruned_scale, exact)
+    assert not any("pruned_scale" in key for key in lin.state_dict())
+
+
 # ----------------------------------------------------------------------------- schedules
 @pytest.mark.parametrize("decay,extra,expected", [
     ("linear", {}, [1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]),

@@ -14,6 +14,7 @@ compile would show.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -118,22 +119,29 @@ def test_layer_compiles_without_graph_breaks_and_matches_eager(name):
         torch.testing.assert_close(got[2][0]["parametrizations.weight.original"], expected, **TOL)
 
 
-def test_mdgf_decay_window_reuses_one_compiled_graph():
-    """MDGF's beta changes every optimizer step of its decay window (exponential decay here).  It
-    reaches the ops as the layer's ``pruned_scale`` buffer, not as a Python float baked into the
-    graph, so one compiled frame serves every step (a float recompiled each step, and dynamo
-    falls back to eager for good after 8 recompiles); outputs and exact-mode gradients match
-    eager at every step."""
+def test_mdgf_schedule_recompiles_only_when_the_mask_structure_changes():
+    """MDGF's beta changes every optimizer step of its decay window.  It reaches the ops as each
+    layer's ``pruned_scale`` buffer, not as a Python float baked into the graph, so a model
+    compiled whole compiles once for its dense step, recompiles once when the mask switches on,
+    and never again: not over the 8-step exponential window, nor into the binary phase
+    (``error_on_recompile`` from then on).  With a float, every window step recompiled and after
+    8 recompiles dynamo ran the frame eagerly for good.  Exact-mode gradients (which use beta)
+    with an SR-STE term; outputs and gradients match eager at every step."""
     torch.manual_seed(0)
-    layer = nm_sparsify(nn.Linear(D_IN, D_OUT), n=2, m=4, recipe="mdgf", decay="exponential", decay_steps=20,
-                        grad_mode="exact")
-    eager, compiled = copy.deepcopy(layer), copy.deepcopy(layer)
+    model = nn.Sequential(nn.Linear(D_IN, D_IN), nn.ReLU(), nn.Linear(D_IN, D_OUT))
+    for lin in (model[0], model[2]):
+        nm_sparsify(lin, n=2, m=4, recipe="mdgf", decay="exponential", decay_steps=8, dense_steps=1,
+                    grad_mode="exact", srste_lambda=0.1)
+    eager, compiled = copy.deepcopy(model), copy.deepcopy(model)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
-    fn = torch.compile(compiled, backend=counter)
-    betas = []
-    for x, c in _micro_batches(12):
-        want, got = eager(x), fn(x)
+    fn = torch.compile(compiled, backend=counter, fullgraph=True)
+    frames, betas = [], []
+    for step, (x, c) in enumerate(_micro_batches(12)):
+        betas.append(compiled[2].parametrizations.weight[0].current().beta)
+        with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+            got = fn(x)
+        want = eager(x)
         torch.testing.assert_close(got, want, **TOL)
         (want * c).sum().backward()
         (got * c).sum().backward()
@@ -142,6 +150,7 @@ def test_mdgf_decay_window_reuses_one_compiled_graph():
             pe.grad = pc.grad = None
         reparam.after_step(eager)
         reparam.after_step(compiled)
-        betas.append(compiled.parametrizations.weight[0].current().beta)
-    assert len(set(betas)) == 12 and 0 < betas[-1] < betas[0] < 1       # beta moved every step
-    assert counter.frame_count == 1
+        frames.append(counter.frame_count)
+    # dense, the window's 8 steps (beta = exp(-5 s / 8), s = 0..7), binary
+    assert betas == pytest.approx([1.0] + [math.exp(-5 * s / 8) for s in range(8)] + [0.0] * 3, rel=1e-12)
+    assert frames == [1] + [2] * 11
