@@ -18,14 +18,17 @@ and, at every step, that no parameter changed shape under its state (:func:`chec
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from optimlib.distributed.row_block import RowBlock
+from optimlib.distributed.flat_partition import LayoutError, is_fsdp1_flat, map_flat_partition
+from optimlib.distributed.layout import global_shape, local_piece, to_local
+from optimlib.distributed.row_block import FlatSlice, RowBlock
 
-__all__ = ["OptimizerBase", "check_real", "check_betas", "check_int", "check_choice", "check_bool", "fail",
+__all__ = ["OptimizerBase", "ParamUnit", "check_real", "check_betas", "check_int", "check_choice", "check_bool", "fail",
            "load_state_dict_keeping_dtypes", "check_param_shape", "write_rows_"]
 
 
@@ -120,12 +123,17 @@ def load_state_dict_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for pid, p in zip(saved_ids, params):
         current = optimizer.state.get(p)
-        if current is None:
-            continue
-        for key, saved in saved_state.get(pid, {}).items():
-            now = current.get(key)
-            if isinstance(saved, torch.Tensor) and isinstance(now, torch.Tensor) and now.dtype != saved.dtype:
-                current[key] = saved.to(device=now.device)
+        if current is not None:
+            _restore_dtypes(current, saved_state.get(pid, {}))
+
+
+def _restore_dtypes(current: dict, saved: dict) -> None:
+    for key, value in saved.items():
+        now = current.get(key)
+        if isinstance(value, dict) and isinstance(now, dict):  # one parameter of a flat partition
+            _restore_dtypes(now, value)
+        elif isinstance(value, torch.Tensor) and isinstance(now, torch.Tensor) and now.dtype != value.dtype:
+            current[key] = value.to(device=now.device)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -180,20 +188,47 @@ def write_rows_(local: torch.Tensor, rows: torch.Tensor, block: RowBlock) -> Non
 
 
 # ----------------------------------------------------------------------------- the base class
+@dataclass
+class ParamUnit:
+    """One parameter as a step sees it, whatever holds it.
+
+    ``index``: its position in the param group as built; ``name``: how errors name it;
+    ``param``: what its element-wise state is shaped like (the parameter -- a DTensor under FSDP2 --
+    or its slice of a DeepSpeed flat partition); ``local``/``grad``: the plain local tensors to read
+    and update in place; ``shape``: the global shape; ``piece``: where ``local`` lies in the
+    flattened parameter (:class:`~optimlib.distributed.FlatSlice`); ``state``: its state dict.
+    """
+
+    index: int
+    name: str
+    param: torch.Tensor
+    local: torch.Tensor
+    grad: torch.Tensor
+    shape: tuple[int, ...]
+    piece: FlatSlice
+    state: dict
+
+
 class OptimizerBase(torch.optim.Optimizer):
     """The base of optimlib's optimizers (``torch.optim.Optimizer`` with the shared plumbing).
 
     A subclass defines ``_validate_group(group)`` (raise naming the option; it also checks the
     constructor's ``defaults`` unless ``_validate_defaults`` is overridden) and
-    ``_step_group(group_index, group)``, which updates the group's parameters, usually those of
-    :meth:`params_with_grad`.  ``step(closure)`` evaluates the closure with gradients enabled,
-    checks that a group carrying global ``"shapes"`` (see :func:`optimlib.optim.param_groups`) still
-    has one shape per tensor -- DeepSpeed ZeRO flattens each group into one partition, so
-    shape-aware optimizers need one parameter per group there -- and steps each group.
+    ``_step_group(group_index, group)``, which updates the units of :meth:`param_units`.
+
+    Every param group records, when it is added, its parameters (the *roster*) and their global
+    shapes (``group["shapes"]``, kept if given, e.g. by :func:`optimlib.optim.param_groups`).  When
+    a wrapper later replaces ``group["params"]`` -- DeepSpeed ZeRO-1/2/3 hands the optimizer one
+    flat partition per group, whatever the grouping -- :meth:`param_units` maps the partition back
+    to the roster's parameters (:func:`optimlib.distributed.flat_partition.map_flat_partition`), so a
+    shape-aware rule sees each parameter's rows; what cannot be mapped raises ``ValueError`` at the
+    step, naming the optimizer, the parameter and the way out.  Under a flat partition that spans
+    several parameters, each one's state is the sub-dict ``state[flat][index]``.
     """
 
     def __init__(self, params, defaults: dict):
         self._validate_defaults(defaults)
+        self._rosters: list[tuple[dict, list[torch.Tensor]]] = []
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -207,12 +242,22 @@ class OptimizerBase(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        params = list(group["params"])
+        shapes = group.get("shapes")
+        if shapes is None:
+            group["shapes"] = [global_shape(p) for p in params]
+        elif len(shapes) != len(params):
+            fail("shapes", shapes, f"one global shape per parameter of the group ({len(params)})")
+        self._rosters.append((group, params))
+        self._validate_group(group)
 
     # torch casts floating state to the parameter's dtype on load: keep what was saved (packed
     # signs, int8 codes, float32 factors and moments, the float32 step).
     def load_state_dict(self, state_dict: dict) -> None:
         load_state_dict_keeping_dtypes(self, state_dict, super().load_state_dict)
+        # torch replaces the group dicts: the rosters follow them by position.
+        self._rosters = [(group, roster) for group, (_, roster) in zip(self.param_groups, self._rosters)]
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -221,15 +266,32 @@ class OptimizerBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.__dict__.get("_seen_grad") and not torch.compiler.is_compiling():
+            self._check_gradients_arrive()
         for gi, group in enumerate(self.param_groups):
-            shapes = group.get("shapes")
-            if shapes is not None and group["params"] and len(shapes) != len(group["params"]):
-                raise ValueError(
-                    f"param group {gi} has {len(group['params'])} tensors but {len(shapes)} shapes: under "
-                    "DeepSpeed ZeRO shape-aware optimizers need one parameter per group "
-                    "(optimlib.optim.param_groups(model, per_parameter_groups=True))")
             self._step_group(gi, group)
         return loss
+
+    def _check_gradients_arrive(self) -> None:
+        """Until a gradient has been seen: refuse a step on which none of the trainable parameters
+        the optimizer was built with has one -- they were replaced behind its back (``fully_shard``
+        or another wrapper that re-creates parameters, applied after the optimizer was built), and
+        stepping them would silently train nothing."""
+        rosters = [(group, roster) for group, roster in self.__dict__.get("_rosters", ())
+                   if any(group is g for g in self.param_groups)]
+        if any(len(g["params"]) != len(r) or any(p is not q for p, q in zip(g["params"], r)) for g, r in rosters):
+            return  # a wrapper (DeepSpeed) stepping flat partitions: they carry the gradients
+        trainable = [(pos, g, i, p) for pos, (g, r) in enumerate(rosters) for i, p in enumerate(r) if p.requires_grad]
+        if not trainable or any(p.grad is not None for *_, p in trainable):
+            self._seen_grad = True
+            return
+        names = [self.param_label(g, pos, i) for pos, g, i, _ in trainable]
+        listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(
+            f"{type(self).__name__}: step() found no gradient on any of the {len(names)} trainable parameters it "
+            f"was built with ({listed}).  If the model was wrapped after the optimizer was built (fully_shard "
+            "and other wrappers re-create the parameters), the optimizer holds parameters that no longer "
+            "train: build the optimizer after wrapping.  Otherwise call step() after backward()")
 
     def check_grad(self, group_index: int, index: int, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Refuse a sparse gradient; check the parameter's shape against its state
@@ -238,12 +300,67 @@ class OptimizerBase(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         check_param_shape(self, group_index, index, param)
 
-    def params_with_grad(self, group_index: int, group: dict) -> list[tuple[int, torch.Tensor]]:
-        """``(index, parameter)`` of the group's parameters that have a gradient, checked (a list,
-        not a generator: ``torch.compile`` cannot resume a graph break inside a generator)."""
-        found = []
-        for i, p in enumerate(group["params"]):
-            if p.grad is not None:
-                self.check_grad(group_index, i, p, p.grad)
-                found.append((i, p))
-        return found
+    # ------------------------------------------------------------------ what a step updates
+    def _roster(self, group: dict) -> tuple[int, list[torch.Tensor]]:
+        for position, (known, roster) in enumerate(self.__dict__.get("_rosters", ())):
+            if known is group:
+                return position, roster
+        return -1, list(group["params"])
+
+    @staticmethod
+    def param_label(group: dict, position: int, index: int) -> str:
+        """How a parameter is named: its ``names``/``param_names`` entry, else its position."""
+        for key in ("names", "param_names"):
+            names = group.get(key)
+            if names is not None and index < len(names) and names[index] is not None:
+                return str(names[index])
+        return f"group{position}.param{index}"
+
+    def param_unit(self, group_index: int, group: dict, index: int, p: torch.Tensor) -> ParamUnit:
+        """The unit of parameter ``p``, ``group["params"][index]`` (it has a gradient), checked."""
+        self.check_grad(group_index, index, p, p.grad)
+        position, roster = self._roster(group)
+        name = self.param_label(group, position, index)
+        if is_fsdp1_flat(p):
+            raise ValueError(
+                f"{type(self).__name__}: parameter {name} is an FSDP1 flat parameter (FullyShardedDataParallel), "
+                "whose shards do not keep the parameter's shape, so a shape-aware step cannot be placed "
+                "on it.  Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) and build the "
+                "optimizer after sharding, or use DeepSpeed ZeRO")
+        shape = global_shape(p, group, index)
+        local, piece = local_piece(p, shape)
+        return ParamUnit(index, name, p, local, to_local(p.grad), shape, piece, self.state[p])
+
+    def param_units(self, group_index: int, group: dict) -> list[ParamUnit]:
+        """The units of the group's parameters that have a gradient (a list: ``torch.compile``
+        cannot resume a graph break inside a generator)."""
+        params = group["params"]
+        position, roster = self._roster(group)
+        if len(params) == len(roster) and all(p is q for p, q in zip(params, roster)):
+            return [self.param_unit(group_index, group, i, p) for i, p in enumerate(params) if p.grad is not None]
+        return [unit for flat in params if flat.grad is not None
+                for unit in self._flat_units(group_index, group, position, roster, flat)]
+
+    def _flat_units(self, group_index: int, group: dict, position: int, roster: list[torch.Tensor],
+                    flat: torch.Tensor) -> list[ParamUnit]:
+        """The units of a flat partition that replaced the group's parameters (DeepSpeed ZeRO)."""
+        self.check_grad(group_index, 0, flat, flat.grad)
+        labels = [self.param_label(group, position, i) for i in range(len(roster))]
+        cache = self.__dict__.setdefault("_flat_segments", WeakIdKeyDictionary())
+        segments = cache.get(flat)
+        if segments is None:
+            try:
+                segments = map_flat_partition(flat, roster, labels, group["shapes"])
+            except LayoutError as err:
+                raise ValueError(f"{type(self).__name__}, param group {position}: {err}") from None
+            cache[flat] = segments
+        grad = flat.grad
+        if len(segments) == 1 and segments[0].start == 0:  # the partition is one parameter's
+            seg = segments[0]
+            return [ParamUnit(seg.index, labels[seg.index], flat, flat, grad, tuple(group["shapes"][seg.index]),
+                              seg.piece, self.state[flat])]
+        state = self.state[flat]
+        return [ParamUnit(seg.index, labels[seg.index], flat[seg.start:seg.stop], flat[seg.start:seg.stop],
+                          grad[seg.start:seg.stop], tuple(group["shapes"][seg.index]), seg.piece,
+                          state.setdefault(seg.index, {}))
+                for seg in segments]

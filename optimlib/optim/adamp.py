@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from optimlib.distributed.layout import global_shape, local_piece, to_local
+from optimlib.distributed.layout import to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels._dispatch import as_2d
 from optimlib.kernels.adam import adam_lowrank_update_
@@ -259,13 +259,6 @@ def validate_sgdp_group(group: dict) -> None:
     check_real("wd_ratio", group["wd_ratio"], low=0.0, high=1.0)
 
 
-def _placed(group: dict, index: int, p: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor, FlatSlice]:
-    """Global shape, local tensor and FlatSlice of ``group["params"][index]``."""
-    shape = global_shape(p, group, index)
-    local, piece = local_piece(p, shape)
-    return shape, local, piece
-
-
 # ----------------------------------------------------------------------------- classes
 class AdamP(OptimizerBase):
     r"""AdamP (Heo et al., ICLR 2021, arXiv:2006.08217): Adam with projection for scale-invariant weights.
@@ -306,21 +299,20 @@ class AdamP(OptimizerBase):
 
     def _step_group(self, group_index: int, group: dict) -> None:
         lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "s", "shape", "piece")}
-        for i, p in self.params_with_grad(group_index, group):
-            shape, local, piece = _placed(group, i, p)
-            state = self.state[p]
+        for unit in self.param_units(group_index, group):
+            state = unit.state
             if not state:
                 state["step"] = torch.tensor(0.0)
-                # zeros_like(p): a DTensor under FSDP2 (so distributed checkpoints shard it).
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            lists["p"].append(local)
-            lists["g"].append(to_local(p.grad))
+                # zeros_like(param): a DTensor under FSDP2 (so distributed checkpoints shard it).
+                state["exp_avg"] = torch.zeros_like(unit.param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(unit.param, memory_format=torch.preserve_format)
+            lists["p"].append(unit.local)
+            lists["g"].append(unit.grad)
             lists["m"].append(to_local(state["exp_avg"]))
             lists["v"].append(to_local(state["exp_avg_sq"]))
             lists["s"].append(state["step"])
-            lists["shape"].append(shape)
-            lists["piece"].append(piece)
+            lists["shape"].append(unit.shape)
+            lists["piece"].append(unit.piece)
         beta1, beta2 = group["betas"]
         adamp(lists["p"], lists["g"], lists["m"], lists["v"], lists["s"], lists["shape"], lists["piece"],
               beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
@@ -359,20 +351,19 @@ class SGDP(OptimizerBase):
     def _step_group(self, group_index: int, group: dict) -> None:
         momentum = group["momentum"]
         lists: dict[str, list] = {k: [] for k in ("p", "g", "b", "s", "shape", "piece")}
-        for i, p in self.params_with_grad(group_index, group):
-            shape, local, piece = _placed(group, i, p)
-            state = self.state[p]
+        for unit in self.param_units(group_index, group):
+            state = unit.state
             if "step" not in state:
                 state["step"] = torch.tensor(0.0)
             if momentum != 0 and "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(unit.param, memory_format=torch.preserve_format)
             buf = state.get("momentum_buffer") if momentum != 0 else None
-            lists["p"].append(local)
-            lists["g"].append(to_local(p.grad))
+            lists["p"].append(unit.local)
+            lists["g"].append(unit.grad)
             lists["b"].append(None if buf is None else to_local(buf))
             lists["s"].append(state["step"])
-            lists["shape"].append(shape)
-            lists["piece"].append(piece)
+            lists["shape"].append(unit.shape)
+            lists["piece"].append(unit.piece)
         sgdp(lists["p"], lists["g"], lists["b"], lists["s"], lists["shape"], lists["piece"],
              lr=group["lr"], momentum=momentum, dampening=group["dampening"], weight_decay=group["weight_decay"],
              nesterov=group["nesterov"], eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])

@@ -160,21 +160,26 @@ def matrix_optimizers() -> list[str]:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by ``optimizer``'s own state tensors on this rank (DTensors: local shard)."""
+    """Bytes held by ``optimizer``'s own state tensors on this rank (DTensors: local shard; the
+    per-parameter sub-dicts of a DeepSpeed flat partition included)."""
     from optimlib.distributed.layout import to_local
 
-    total = 0
     seen = set()
-    for state in optimizer.state.values():
+
+    def count(state: dict) -> int:
+        total = 0
         for v in state.values():
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, dict):
+                total += count(v)
+            elif isinstance(v, torch.Tensor):
                 local = to_local(v)
                 key = (local.untyped_storage().data_ptr(), local.data_ptr()) if local.numel() else id(local)
-                if key in seen:
-                    continue
-                seen.add(key)
-                total += local.numel() * local.element_size()
-    return total
+                if key not in seen:
+                    seen.add(key)
+                    total += local.numel() * local.element_size()
+        return total
+
+    return sum(count(state) for state in optimizer.state.values())
 
 
 def _build_adamw(groups, lr, **kwargs):

@@ -142,7 +142,7 @@ from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, t
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels.adam import adam8bit_lowrank_update_, adam_lowrank_update_
 from optimlib.kernels.galore import galore_backproject_update_
-from optimlib.optim._common import OptimizerBase, check_betas, check_choice, check_real, write_rows_
+from optimlib.optim._common import OptimizerBase, ParamUnit, check_betas, check_choice, check_real, write_rows_
 from optimlib.optim.adamp import adamp_param_, scale_invariant_projection
 from optimlib.optim.projection import ProjectionConfig, Projector, matrix_shape, name_seed
 from optimlib.optim.quantize import dequantize_blockwise, hash_uniform, quantize_blockwise
@@ -620,31 +620,23 @@ class GaLoreAdamW(OptimizerBase):
             cache[id(group)] = hit
         return hit[1]
 
-    def _param_name(self, group: dict, gi: int, i: int) -> str:
-        names = group.get("names")
-        if names is not None and i < len(names) and names[i] is not None:
-            return str(names[i])
-        return f"group{gi}.param{i}"
-
     def _step_group(self, group_index: int, group: dict) -> None:
         dense = _DenseBatch()
-        for i, p in enumerate(group["params"]):
-            if p.grad is not None:
-                self._step_param(group, group_index, i, p, p.grad, dense=dense)
+        for unit in self.param_units(group_index, group):
+            self._step_unit(group, unit, dense)
         dense.run(group)
 
-    def _step_param(self, group: dict, gi: int, i: int, p: torch.Tensor, grad: torch.Tensor,
-                    dense: "_DenseBatch | None" = None) -> None:
+    def _step_param(self, group: dict, gi: int, i: int, p: torch.Tensor) -> None:
+        """Step parameter ``p`` (``group["params"][i]``, with a gradient) on its own (layer-wise mode)."""
+        self._step_unit(group, self.param_unit(gi, group, i, p), None)
+
+    def _step_unit(self, group: dict, unit: ParamUnit, dense: "_DenseBatch | None") -> None:
         """Step one parameter.  The AdamW rule on a full gradient is appended to ``dense`` (run
         for the whole group as multi-tensor ops) when given, else run at once (layer-wise mode)."""
-        self.check_grad(gi, i, p, grad)
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
-        shape = global_shape(p, group, i)
-        local, piece = local_piece(p, shape)
-        g = to_local(grad)
-        state = self.state[p]
-        name = self._param_name(group, gi, i)
+        p, local, piece, shape, g, state, name = (unit.param, unit.local, unit.piece, unit.shape, unit.grad,
+                                                  unit.state, unit.name)
         if not state:
             state["step"] = 0
             state["seed"] = name_seed(name, int(group.get("seed", 0)))
@@ -653,7 +645,7 @@ class GaLoreAdamW(OptimizerBase):
             offsets = group.get("refresh_offsets")
             block = RowBlock(matrix_shape(shape), piece)
             mesh = p.device_mesh if is_dtensor(p) and p.device_mesh.ndim == 1 else None
-            projector = Projector(config, block, offset=offsets[i] if offsets else 0, name=name, mesh=mesh)
+            projector = Projector(config, block, offset=offsets[unit.index] if offsets else 0, name=name, mesh=mesh)
             inner = group["inner"]
             moments = (_SMMFMoments(state, projector, g, p) if inner == "smmf"
                        else _Moments(state, group, projector, g, p))
@@ -769,7 +761,7 @@ class LayerwiseStepper:
     def _step_one(self, p: torch.Tensor) -> None:
         gi, i = self._index[id(p)]
         with torch.no_grad():
-            self.optimizer._step_param(self.optimizer.param_groups[gi], gi, i, p, p.grad)
+            self.optimizer._step_param(self.optimizer.param_groups[gi], gi, i, p)
         self._stepped.add(id(p))
         p.grad = None
 

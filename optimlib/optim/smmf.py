@@ -59,7 +59,7 @@ import math
 
 import torch
 
-from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
+from optimlib.distributed.layout import is_dtensor, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock, isqrt, near_square
 from optimlib.optim._common import OptimizerBase, check_choice, check_real
 from optimlib.kernels.smmf import smmf_decompress, smmf_factor_sums_, smmf_update_
@@ -408,16 +408,14 @@ class SMMF(OptimizerBase):
     _validate_group = staticmethod(validate_smmf_group)
 
     def _step_group(self, group_index: int, group: dict) -> None:
-        for i, p in self.params_with_grad(group_index, group):
-            shape = global_shape(p, group, i)
-            if math.prod(shape) == 0:
+        for unit in self.param_units(group_index, group):
+            if math.prod(unit.shape) == 0:
                 continue
-            local, piece = local_piece(p, shape)
-            state = self.state[p]
+            state = unit.state
             if "step" not in state:
                 state["step"] = torch.tensor(0.0)
             state["step"] += 1
-            smmf_param_(local, to_local(p.grad), piece, shape, state, float(state["step"].item()), p,
+            smmf_param_(unit.local, unit.grad, unit.piece, unit.shape, state, float(state["step"].item()), unit.param,
                         lr=group["lr"], beta=group["beta"], eps=group["eps"], weight_decay=group["weight_decay"],
                         decay_rate=group["decay_rate"], growth_rate=group["growth_rate"],
                         vector_reshape=group["vector_reshape"], weight_decay_mode=group["weight_decay_mode"])
