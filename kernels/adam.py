@@ -25,7 +25,7 @@ so with ``c1 = c2 = 1`` the reference path is bit-identical to GaLore's
 GaLore does).
 
 8-bit variant (:func:`adam8bit_lowrank_update_`): the moments are stored in the blockwise format of
-:mod:`optimlib.optim.quantize` -- ``(K, r)`` uint8 codes into a 256-entry logarithmic codebook plus
+:mod:`optimlib.formats.quantize` -- ``(K, r)`` uint8 codes into a 256-entry logarithmic codebook plus
 one fp32 absmax per block of ``block`` consecutive entries of a row; the first moment signed, the
 second stored as its square root ``sqrt(v)`` (unsigned).  One pass dequantizes both, applies the
 update above, writes ``n`` and requantizes (round to nearest, or stochastic rounding with the
@@ -45,7 +45,7 @@ import torch
 
 from optimlib.kernels._dispatch import (as_2d, cast_rn, cdiv, index_dtype, jit, launch, next_pow2, resolve_backend,
                                         round_through, tl, use_triton)
-from optimlib.optim.quantize import _scalar_mix, codebook, dequantize_blockwise, hash_uniform, num_blocks, \
+from optimlib.formats.quantize import scalar_mix, codebook, dequantize_blockwise, hash_uniform, num_blocks, \
     quantize_blockwise
 
 __all__ = ["adam_lowrank_update_", "adam8bit_lowrank_update_", "adam_update_reference",
@@ -76,7 +76,7 @@ def adam8bit_update_reference(exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, e
                               beta1: float, beta2: float, eps: float, block: int, bias_correction1: float = 1.0,
                               bias_correction2_sqrt: float = 1.0, nesterov: bool = False,
                               noise: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Dequantize, update, requantize with :mod:`optimlib.optim.quantize` itself (GaLore's
+    """Dequantize, update, requantize with :mod:`optimlib.formats.quantize` itself (GaLore's
     ``_Moments.read`` / ``write`` sequence); codes and block maxima are overwritten in place."""
     dtype = grad.dtype
     m = dequantize_blockwise(exp_avg_codes, exp_avg_absmax, signed=True, block=block, dtype=dtype)
@@ -130,7 +130,7 @@ def _adam_kernel(m_ptr, v_ptr, g_ptr, n_ptr, R, C, sm0, sm1, sv0, sv1, sg0, sg1,
 
 @jit
 def _mix32(x):
-    """The 32-bit finaliser of :mod:`optimlib.optim.quantize` (uint32 arithmetic wraps mod 2^32)."""
+    """The 32-bit finaliser of :mod:`optimlib.formats.quantize` (uint32 arithmetic wraps mod 2^32)."""
     x = (x ^ (x >> 16)) * 0x5BD1E995
     x = (x ^ (x >> 15)) * 0x6B43A9B5
     x = (x ^ (x >> 13)) * 0x2C1B3C6D
@@ -257,7 +257,7 @@ def _adam8bit_triton(cm, am, cv, av, grad, beta1, beta2, eps, c1, c2, nesterov, 
         key_m = key_v = row_offset = 0
     else:
         seed, step_m, step_v, row_offset = noise
-        key_m, key_v = _scalar_mix(seed, step_m), _scalar_mix(seed, step_v)
+        key_m, key_v = scalar_mix(seed, step_m), scalar_mix(seed, step_v)
     cbs, cbu = codebook(True, grad.device), codebook(False, grad.device)
     launch(_adam8bit_kernel, (cdiv(K, br), nb), cm, am, cv, av, grad, out, cbs, cbu, K, r, nb, block,
            grad.stride(0), grad.stride(1), beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, c1, c2, row_offset,
@@ -336,7 +336,7 @@ def adam8bit_lowrank_update_(exp_avg_codes: torch.Tensor, exp_avg_absmax: torch.
                              bias_correction2_sqrt: float = 1.0, nesterov: bool = False,
                              noise: tuple[int, int, int, int] | None = None,
                              backend: str | None = None) -> torch.Tensor:
-    """The update on 8-bit blockwise moments (``optimlib.optim.quantize`` format), in one pass.
+    """The update on 8-bit blockwise moments (``optimlib.formats.quantize`` format), in one pass.
 
     ``*_codes``: ``(K, r)`` uint8 (contiguous); ``*_absmax``: ``(K, ceil(r / block))`` fp32; the
     second moment is stored as ``sqrt(v)``.  ``grad``: ``(K, r)``, any strides; its dtype is the

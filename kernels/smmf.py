@@ -2,7 +2,7 @@ r"""SMMF's step on its rank-1 factors and 1-bit signs, in one pass over the matr
 
 SMMF (:mod:`optimlib.optim.smmf`) stores each moment of an ``(R, n)`` matrix (this rank's owned
 rows of the square-matricized gradient) as rank-1 factors, plus the first moment's sign as packed
-bits (:mod:`optimlib.optim.bitpack`: element ``i`` of the row-major flattening is bit ``i % 8`` of
+bits (:mod:`optimlib.formats.bitpack`: element ``i`` of the row-major flattening is bit ``i % 8`` of
 byte ``i // 8``).  One step, with this step's ``beta1_t``, ``beta2_t``::
 
     M_hat = S (.) (r_M c_M^T)         V_hat = r_V c_V^T                 decompress
@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from optimlib.kernels._dispatch import cdiv, index_dtype, jit, launch, next_pow2, resolve_backend, tl, use_triton
-from optimlib.optim.bitpack import pack_bits, unpack_bits
+from optimlib.formats.bitpack import pack_bits, unpack_bits
 
 __all__ = ["smmf_update_", "smmf_update_reference", "smmf_decompress", "smmf_factor_sums_"]
 

@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 import torch
 
 from optimlib import kernels as K
-from optimlib.optim.quantize import num_blocks, quantize_blockwise
+from optimlib.formats.quantize import num_blocks, quantize_blockwise
 from optimlib.optim.smmf import smmf_matrix_shape
 
 __all__ = ["run_kernel_bench", "format_kernel_bench", "copy_bandwidth", "DEFAULT_SHAPES", "SPEC_GBPS", "main"]

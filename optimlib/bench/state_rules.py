@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import torch
 
 from optimlib.distributed.row_block import FlatSlice, RowBlock
-from optimlib.optim.bitpack import packed_numel
+from optimlib.formats.bitpack import packed_numel
 
 __all__ = ["OptimizerTensor", "StateRule", "register_state_rule", "get_state_rule", "list_state_rules"]
 

@@ -277,9 +277,9 @@ class AdamP(OptimizerBase):
     most one dimension are plain AdamW-style Adam.  Matches ``adamp.AdamP`` 0.3.0.
 
     Args:
-        params: parameters or param groups.  Groups may carry ``"shapes"`` (global shapes, as
-            :func:`optimlib.optim.param_groups` records them): needed under DeepSpeed ZeRO,
-            where the optimizer receives flat partitions (one parameter per group).
+        params: parameters, ``(name, parameter)`` pairs or param groups (which may carry
+            ``"names"`` and ``"shapes"``, as :func:`optimlib.optim.param_groups` records them).
+            Any grouping works under DeepSpeed ZeRO (see :class:`OptimizerBase`).
         lr: learning rate (>= 0).  betas: ``(beta1, beta2)`` each in [0, 1).  eps: >= 0.
         weight_decay: decoupled weight decay (>= 0).  delta: cosine threshold (>= 0).
         wd_ratio: weight-decay factor for projected weights, in [0, 1].  nesterov: Nesterov momentum.

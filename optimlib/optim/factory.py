@@ -12,9 +12,10 @@ optimizer:
 * ``per_parameter_groups=True`` (what the launcher uses for shape-aware methods under DeepSpeed)
   gives each parameter its own group so that ZeRO partitions each one separately.
 
-Every group records each parameter's qualified name (``names``) and global shape (``shapes``):
-DeepSpeed replaces ``group["params"]`` by flat partitions but keeps the other keys, which is how
-shape-aware optimizers find the matrix behind a flat slice (:mod:`optimlib.distributed.layout`).
+Every group records each parameter's qualified name (``names``, used in error messages and to
+seed random projections) and global shape (``shapes``).  Any grouping works under DeepSpeed: the
+optimizers map flat partitions back to their parameters
+(:mod:`optimlib.distributed.flat_partition`).
 """
 
 from __future__ import annotations

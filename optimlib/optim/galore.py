@@ -85,7 +85,7 @@ zero moments and restart the bias correction), ``stagger`` (spread the refresh s
 parameters over the gap instead of refreshing all of them on the same step), ``energy``,
 ``min_rank``, ``max_rank`` (adaptive rank), ``oversample``, ``power_iters`` (randomized),
 ``dct_norm``, ``moments_dtype`` (``None``: the gradient's dtype; ``"int8"``: 8-bit blockwise
-quantized low-rank moments, :mod:`optimlib.optim.quantize`), ``quant_block``,
+quantized low-rank moments, :mod:`optimlib.formats.quantize`), ``quant_block``,
 ``stochastic_rounding``, ``basis_dtype`` (``None``: the gradient's dtype, as galore-torch;
 ``"float32"``), ``seed``, ``canonical_signs`` and ``shard_basis`` (see the class).  galore-torch
 requires ``update_proj_gap``, ``scale`` and ``proj_type`` in every low-rank group; the defaults
@@ -98,10 +98,10 @@ LAPACK's sign choice, which a rounding-level change of the gradient (data-parall
 can flip; with ``on_refresh="keep"`` such a flip changes the trajectory (see
 :mod:`optimlib.optim.projection`).
 
-Distributed. Every parameter is reached through :func:`optimlib.distributed.local_piece` and a
+Distributed. Every parameter is reached through :meth:`OptimizerBase.param_units` and a
 :class:`optimlib.distributed.RowBlock`: plain tensors, FSDP2 DTensors (``Shard(0)``, uneven
-included) and DeepSpeed ZeRO-1/2/3 flat partitions (one parameter per group; ``group["shapes"]``
-gives the global shape) all run the same code. The low-rank moments live in the layout of
+included) and DeepSpeed ZeRO-1/2/3 flat partitions (any grouping: a partition is mapped back to
+its parameters) all run the same code. The low-rank moments live in the layout of
 :class:`optimlib.optim.projection.Projector` (this rank's rows of the ``(m, r)`` moments of a
 right projection, its ``torch.chunk`` block of the columns of the ``(r, n)`` moments of a left
 one), so optimizer state shrinks with the number of ranks; under FSDP2 they are DTensors sharded
@@ -145,7 +145,7 @@ from optimlib.kernels.galore import galore_backproject_update_
 from optimlib.optim._common import OptimizerBase, ParamUnit, check_betas, check_choice, check_real, write_rows_
 from optimlib.optim.adamp import adamp_param_, scale_invariant_projection
 from optimlib.optim.projection import ProjectionConfig, Projector, matrix_shape, name_seed
-from optimlib.optim.quantize import dequantize_blockwise, hash_uniform, quantize_blockwise
+from optimlib.formats.quantize import dequantize_blockwise, hash_uniform, quantize_blockwise
 from optimlib.optim.smmf import SMMFLayout, smmf_betas, smmf_param_, validate_smmf_hyperparameters
 
 __all__ = ["GaLoreAdamW", "LayerwiseStepper", "galore_adamw_dense_", "galore_lowrank_", "galore_adamw_lowrank_",
@@ -483,9 +483,9 @@ class GaLoreAdamW(OptimizerBase):
     per group, the constructor's value being the default.
 
     Args:
-        params: parameters or param groups; groups may carry ``names`` and ``shapes`` (as
-            :func:`optimlib.optim.param_groups` records them; ``shapes`` is required under
-            DeepSpeed ZeRO, one parameter per group).
+        params: parameters, ``(name, parameter)`` pairs or param groups; groups may carry
+            ``names`` and ``shapes`` (as :func:`optimlib.optim.param_groups` records them; names
+            appear in errors and seed random projections, shapes default to the parameters')).
         lr (>= 0), betas (each in [0, 1)), eps (>= 0), weight_decay (>= 0), correct_bias:
             galore-torch's AdamW arguments and defaults (eps 1e-6).
         update_proj_gap (int >= 1), scale (> 0), proj_type (std, reverse_std, left, right):

@@ -25,7 +25,7 @@ schedules) instead of factors.  :math:`r_X c_X^T` is the closed-form rank-1 fact
 minimises the I-divergence to :math:`|X|`; it is exact whenever :math:`|X|` has rank 1.
 
 Memory: ``rows + cols`` floats per moment and ``rows * cols / 8`` bytes of packed sign bits
-(:mod:`optimlib.optim.bitpack`), i.e. about 1/64 of Adam's ``8 N`` bytes for a large matrix
+(:mod:`optimlib.formats.bitpack`), i.e. about 1/64 of Adam's ``8 N`` bytes for a large matrix
 (the paper's "up to 96 %" with a byte-per-element sign; ~98 % bit-packed).
 
 Prime sizes (padding, not splitting).  The most nearly square factorisation of ``N`` can be
@@ -63,7 +63,7 @@ from optimlib.distributed.layout import is_dtensor, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock, isqrt, near_square
 from optimlib.optim._common import OptimizerBase, check_choice, check_real
 from optimlib.kernels.smmf import smmf_decompress, smmf_factor_sums_, smmf_update_
-from optimlib.optim.bitpack import packed_numel
+from optimlib.formats.bitpack import packed_numel
 
 __all__ = ["SMMF", "SMMFLayout", "smmf_direction", "smmf_decompress", "smmf_compress_", "smmf_param_",
            "smmf_matrix_shape", "smmf_betas", "init_smmf_state"]
@@ -379,8 +379,8 @@ class SMMF(OptimizerBase):
     docstring).  No bias correction.
 
     Args:
-        params: parameters or param groups (may carry ``"shapes"``: global shapes, needed under
-            DeepSpeed ZeRO with one parameter per group).
+        params: parameters, ``(name, parameter)`` pairs or param groups (any grouping works
+            under DeepSpeed ZeRO, see :class:`~optimlib.optim._common.OptimizerBase`).
         lr: learning rate (>= 0).
         beta: first-moment rate in [0, 1), or ``None`` for no first moment.
         eps: added to ``sqrt(V)`` (>= 0).

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from optimlib.distributed.row_block import FlatSlice
-from optimlib.optim.bitpack import pack_bits, packed_numel, unpack_bits
+from optimlib.formats.bitpack import pack_bits, packed_numel, unpack_bits
 from optimlib.optim.galore import is_lowrank_group
 from optimlib.optim.projection import chunk_bounds, matrix_shape, resolve_side
 from optimlib.optim.smmf import SMMFLayout

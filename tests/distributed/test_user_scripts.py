@@ -45,9 +45,10 @@ def test_user_scripts_match_one_process(single, tmp_path, engine):
             assert res["resume_max_abs_diff"] == 0.0, (engine, name, res["resume_max_abs_diff"])
 
 
-@pytest.mark.parametrize("variant", ["ds2_accum", "ds3_init", "fsdp2_keep_unsharded"])
+@pytest.mark.parametrize("variant", ["ds2_accum", "ds3_init", "ds2_offload", "ds3_offload", "fsdp2_keep_unsharded"])
 def test_deepspeed_and_fsdp2_setups_match_one_process(single, tmp_path, variant):
-    """Gradient accumulation 2 (ZeRO-2), a model built under ``deepspeed.zero.Init`` (ZeRO-3) and
+    """Gradient accumulation 2 (ZeRO-2), a model built under ``deepspeed.zero.Init`` (ZeRO-3),
+    ZeRO-Offload of the optimizer (ZeRO-2) and of optimizer and parameters (ZeRO-3) to the CPU, and
     FSDP2 with ``reshard_after_forward=False``."""
     got = run_worker(WORKER, variant, tmp_path / f"{variant}.pt")
     assert got

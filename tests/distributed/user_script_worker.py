@@ -82,6 +82,12 @@ VARIANTS = {
                  ("adamp", "adamp_per_param", "galore_adamw", "galore_per_param")),
     "ds2_accum": ("ds2", {"gradient_accumulation_steps": 2}, ("adamp", "galore_smmf")),
     "ds3_init": ("ds3", {}, ("adamp", "galore_adamw")),
+    "ds2_offload": ("ds2", {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                            "zero_force_ds_cpu_optimizer": False},
+                    ("adamp", "galore_smmf")),
+    "ds3_offload": ("ds3", {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                                  "offload_param": {"device": "cpu"}},
+                            "zero_force_ds_cpu_optimizer": False}, ("adamp", "galore_smmf")),
     "ds3_subgroups": ("ds3", {"zero_optimization": {"stage": 3, "sub_group_size": 1000}}, ("adamp_named",)),
 }
 FSDP2_VARIANTS = {"fsdp2_keep_unsharded": ("adamp", "smmf", "galore_adamw")}  # reshard_after_forward=False

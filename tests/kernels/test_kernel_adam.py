@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optimlib.kernels import adam8bit_lowrank_update_, adam_lowrank_update_
-from optimlib.optim.quantize import dequantize_blockwise, num_blocks, quantize_blockwise
+from optimlib.formats.quantize import dequantize_blockwise, num_blocks, quantize_blockwise
 
 HP = dict(beta1=0.9, beta2=0.999, eps=1e-6)
 

@@ -14,7 +14,7 @@ import torch
 
 from optimlib import kernels
 from optimlib.kernels import _dispatch
-from optimlib.optim.quantize import num_blocks
+from optimlib.formats.quantize import num_blocks
 
 E = torch.empty
 HP = dict(beta1=0.9, beta2=0.999, eps=1e-6)

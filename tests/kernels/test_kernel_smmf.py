@@ -5,7 +5,7 @@ import torch
 
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels import smmf_update_
-from optimlib.optim.bitpack import unpack_bits
+from optimlib.formats.bitpack import unpack_bits
 from optimlib.optim.smmf import init_smmf_state, smmf_direction
 
 

@@ -200,7 +200,7 @@ def test_int8_moments_stay_close_to_the_exact_moments_over_many_steps():
         w1.grad, w2.grad = g.clone(), g.clone()
         o1.step()
         o2.step()
-    from optimlib.optim.quantize import dequantize_blockwise
+    from optimlib.formats.quantize import dequantize_blockwise
     s1, s2 = o1.state[w1], o2.state[w2]
     m = dequantize_blockwise(s2["exp_avg_codes"], s2["exp_avg_absmax"], signed=True, block=8)
     v = dequantize_blockwise(s2["exp_avg_sq_codes"], s2["exp_avg_sq_absmax"], signed=False, block=8) ** 2

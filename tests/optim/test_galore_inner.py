@@ -31,7 +31,7 @@ from torch import nn
 import optimlib
 from optimlib import GaLoreAdamW
 from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes
-from optimlib.optim.bitpack import unpack_bits
+from optimlib.formats.bitpack import unpack_bits
 
 from resume_check import assert_resumes_exactly
 

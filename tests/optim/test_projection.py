@@ -1,4 +1,4 @@
-"""The projection piece (optimlib.optim.projection) and 8-bit moments (optimlib.optim.quantize),
+"""The projection piece (optimlib.optim.projection) and 8-bit moments (optimlib.formats.quantize),
 single process.  Multi-rank behaviour is covered by tests/distributed/test_galore_distributed.py."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optimlib.distributed import FlatSlice, RowBlock
-from optimlib.optim import quantize as q
+from optimlib.formats import quantize as q
 from optimlib.optim.projection import (
     ProjectionConfig,
     Projector,

@@ -16,7 +16,7 @@ from torch import nn
 import optimlib
 from optimlib.distributed import FlatSlice, RowBlock
 from optimlib.optim import create_optimizer, optimizer_state_bytes
-from optimlib.optim.bitpack import unpack_bits
+from optimlib.formats.bitpack import unpack_bits
 from optimlib.optim.smmf import init_smmf_state, smmf_direction, smmf_matrix_shape
 
 # parameter shape -> the (rows, cols) matrix the docstring promises (padded where marked)

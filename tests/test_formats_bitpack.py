@@ -1,11 +1,11 @@
-"""1-bit sign packing (optimlib.optim.bitpack): exact round trips, layout and sizes."""
+"""1-bit sign packing (optimlib.formats.bitpack): exact round trips, layout and sizes."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimlib.optim.bitpack import pack_bits, packed_numel, unpack_bits
+from optimlib.formats.bitpack import pack_bits, packed_numel, unpack_bits
 
 
 @settings(max_examples=60, deadline=None)

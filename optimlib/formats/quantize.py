@@ -92,7 +92,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _scalar_mix(*values: int) -> int:
+def scalar_mix(*values: int) -> int:
     h = 0x243F6A88
     for v in values:
         h = (h ^ (int(v) & _MASK)) & _MASK
@@ -105,7 +105,7 @@ def hash_uniform(shape: tuple[int, int], row_offset: int, *, seed: int, step: in
     """Uniform ``[0, 1)`` fp32 numbers for the rows ``[row_offset, row_offset + K)`` of a ``(*, r)``
     matrix, a pure function of (global element index, ``seed``, ``step``)."""
     k, r = shape
-    key = _scalar_mix(seed, step)
+    key = scalar_mix(seed, step)
     rows = torch.arange(row_offset, row_offset + k, dtype=torch.int64, device=device)
     cols = torch.arange(r, dtype=torch.int64, device=device)
     idx = rows[:, None] * r + cols[None, :]
