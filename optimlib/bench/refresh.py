@@ -1,6 +1,6 @@
 """The basis-refresh benchmark: how long one GaLore subspace refresh takes, and how good the basis is.
 
-The refresh is :meth:`optimlib.optim.projection.Projector.refresh`, called exactly as
+The refresh is :meth:`optimlib.optim.galore.projection.Projector.refresh`, called exactly as
 :class:`optimlib.optim.galore.GaLoreAdamW` calls it (a fresh one-process :class:`RowBlock` and
 :class:`Projector` over the whole matrix, a per-parameter seed, ``proj_type="std"``), followed by
 the materialization of the basis the next projection uses (``Projector.basis``: a lookup for
@@ -66,7 +66,7 @@ def synthetic_gradient(m: int, n: int, *, signal_rank: int, decay: float = 1.0, 
 
 def _projector(shape, rank: int, projection: str, oversample: int, power_iters: int):
     from optimlib.distributed.row_block import FlatSlice, RowBlock
-    from optimlib.optim.projection import ProjectionConfig, Projector
+    from optimlib.optim.galore.projection import ProjectionConfig, Projector
 
     config = ProjectionConfig(rank=rank, projection=projection, proj_type="std", oversample=oversample,
                               power_iters=power_iters).validate()
@@ -84,7 +84,7 @@ def run_refresh_benchmark(shape: tuple[int, int] = (4096, 11008), rank: int = 51
                           oversample: int = 8, power_iters: int = 2, decay: float = 1.0, noise: float = 0.1,
                           seed: int = 0, device: str = "cpu", progress=None) -> dict:
     """Time ``Projector.refresh`` per backend and measure each basis' quality (module docstring)."""
-    from optimlib.optim.projection import PROJECTIONS, name_seed
+    from optimlib.optim.galore.bases import PROJECTIONS, name_seed
 
     bad = [p for p in projections if p not in PROJECTIONS or p == "auto"]
     if bad:

@@ -4,7 +4,7 @@ A rule receives one :class:`OptimizerTensor` -- a tensor exactly as the optimize
 one rank (a whole parameter, an FSDP2 shard, a DeepSpeed flat partition) with its param group --
 and returns the bytes of the state the optimizer keeps for it, by component (``moments``,
 ``basis``, ``factors``, ``sign``, ``step``, ...).  Rules are formulas; the shapes they need come
-from the same helpers the optimizers use (:class:`optimlib.optim.projection.Projector` for the
+from the same helpers the optimizers use (:class:`optimlib.optim.galore.projection.Projector` for the
 GaLore geometry, :class:`optimlib.optim.smmf.SMMFLayout` for SMMF's square matricization), so
 the rule and the optimizer cannot disagree on a shape.  ``tests/bench/test_estimate.py`` checks
 every rule against the measured state of every registered optimizer.
@@ -116,7 +116,7 @@ def smmf_factor_bytes(numel: int, piece: FlatSlice, *, momentum: bool, dtensor: 
     layout = SMMFLayout(numel, piece)
     rows = layout.block.num_rows
     if dtensor:
-        rows = max(e - s for s, e in layout.block._owned)
+        rows = max(e - s for s, e in layout.block.owned_rows)
     moments = 2 if momentum else 1
     out = {"factors": moments * (rows + layout.cols) * 4}
     if momentum:
@@ -190,7 +190,8 @@ def galore_rule(t: OptimizerTensor) -> dict:
     larger side for ``proj_type="std"``, this rank's share of it) and the basis; other parameters
     get the inner rule's state on the whole tensor.  An adaptive rank (``rank="auto"`` or
     ``energy``) is counted at its cap, an upper bound."""
-    from optimlib.optim.projection import ProjectionConfig, Projector, matrix_shape
+    from optimlib.optim.galore.bases import matrix_shape
+    from optimlib.optim.galore.projection import ProjectionConfig, Projector
 
     g = t.group
     if g.get("rank") is None or t.shape is None or len(t.shape) < 2:

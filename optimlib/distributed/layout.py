@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from optimlib.distributed.row_block import FlatSlice
+from optimlib.distributed.row_block import FlatSlice, chunk_bounds
 
 try:  # DTensor is public from torch 2.4 on
     from torch.distributed.tensor import DTensor, Shard
@@ -66,9 +66,7 @@ def local_piece(p: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, Fl
         rank = mesh.get_local_rank()
         rows = shape[0] if shape else 1
         per_row = numel // max(rows, 1)
-        chunk = -(-rows // world)
-        bounds = tuple((min(k * chunk, rows) * per_row, min((k + 1) * chunk, rows) * per_row)
-                       for k in range(world))
+        bounds = tuple((a * per_row, b * per_row) for a, b in chunk_bounds(rows, world))
         return p._local_tensor, FlatSlice(numel, bounds, rank, mesh.get_group())
     if tuple(p.shape) == shape:
         return p, FlatSlice.whole(numel)

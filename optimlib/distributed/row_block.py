@@ -58,6 +58,13 @@ class FlatSlice:
         return FlatSlice(numel=numel, bounds=((0, numel),), rank=0, group=None)
 
 
+def chunk_bounds(size: int, world: int) -> tuple[tuple[int, int], ...]:
+    """``torch.chunk``'s split of ``size`` into ``world`` pieces, as FSDP2 shards dim 0: the first
+    pieces hold ``ceil(size / world)``, the last ones fewer (possibly none)."""
+    chunk = -(-size // world) if world else size
+    return tuple((min(k * chunk, size), min((k + 1) * chunk, size)) for k in range(world))
+
+
 def _owned_rows(a: int, b: int, n: int, m: int) -> tuple[int, int]:
     """Rows whose first element lies in ``[a, b)``."""
     if b <= a:
@@ -82,8 +89,9 @@ class RowBlock:
             raise ValueError(f"matrix view {m}x{n} does not match a parameter of {piece.numel} elements")
         self.shape = (m, n)
         self.piece = piece
-        self._owned = [_owned_rows(a, b, n, m) for a, b in piece.bounds]
-        self.row_start, self.row_end = self._owned[piece.rank]
+        #: every rank's owned rows ``(start, stop)``, in rank order
+        self.owned_rows = [_owned_rows(a, b, n, m) for a, b in piece.bounds]
+        self.row_start, self.row_end = self.owned_rows[piece.rank]
         self.aligned = all(a % n == 0 and (b % n == 0 or b == piece.numel) for a, b in piece.bounds)
 
     # ------------------------------------------------------------------ basics
@@ -170,7 +178,7 @@ class RowBlock:
             parts = []
             if head_end > a:
                 row = self.row_start - 1
-                owner = next(r for r, (s, e) in enumerate(self._owned) if s <= row < e)
+                owner = next(r for r, (s, e) in enumerate(self.owned_rows) if s <= row < e)
                 offset = a - row * n
                 parts.append(gathered[owner][offset : offset + head_end - a])
             parts.append(flat_rows[: max(0, b - self.row_start * n)])
@@ -188,12 +196,12 @@ class RowBlock:
         if not self.distributed:
             return rows
         m, n = self.shape
-        most = max(e - s for s, e in self._owned)
+        most = max(e - s for s, e in self.owned_rows)
         buf = torch.zeros(most, n, dtype=rows.dtype, device=rows.device)
         buf[: self.num_rows] = rows
         gathered = [torch.empty_like(buf) for _ in range(self.world_size)]
         dist.all_gather(gathered, buf, group=self.group)
-        return torch.cat([g[: e - s] for g, (s, e) in zip(gathered, self._owned)])
+        return torch.cat([g[: e - s] for g, (s, e) in zip(gathered, self.owned_rows)])
 
     def __repr__(self) -> str:
         return (f"RowBlock(shape={self.shape}, rows=[{self.row_start}, {self.row_end}), "

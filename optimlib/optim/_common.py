@@ -1,110 +1,29 @@
-"""What optimlib's optimizers share: their base class, argument validation and dtype-preserving
-state loads.
+"""What optimlib's optimizers share: their base class, the parameter units a step updates, and
+dtype-preserving state loads.
 
 :class:`OptimizerBase` is the ``torch.optim.Optimizer`` every optimlib optimizer derives from: it
-validates each param group (at construction and in ``add_param_group``), runs the closure and
-then one ``_step_group`` per group, walks the parameters that have a gradient (refusing sparse
-gradients and checking shapes), and loads state dicts keeping the saved state dtypes.
-
-Validation (issue #9): every optimizer checks its hyper-parameters at construction and raises
-``TypeError`` for a value of the wrong type and ``ValueError`` for a value out of range
-(negative, non-finite, unknown name), the message naming the argument and what it accepts::
-
-    invalid lr=inf: accepted range is a finite number >= 0
-
-and, at every step, that no parameter changed shape under its state (:func:`check_param_shape`).
+validates each param group (at construction and in ``add_param_group``, with
+:mod:`optimlib.validation`), records the group's parameters, runs the closure, turns each group's
+parameters -- whatever wrapper holds them -- into :class:`ParamUnit` s for the rule, checks at every
+step that no parameter changed shape under its state (:func:`check_param_shape`), and loads state
+dicts keeping the saved state dtypes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from optimlib.distributed.flat_partition import LayoutError, is_fsdp1_flat, map_flat_partition
-from optimlib.distributed.layout import global_shape, local_piece, to_local
+from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
+from optimlib.optim.layerwise import LayerwiseStepper
+from optimlib.validation import fail
 
-__all__ = ["OptimizerBase", "ParamUnit", "check_real", "check_betas", "check_int", "check_choice", "check_bool", "fail",
-           "load_state_dict_keeping_dtypes", "check_param_shape", "write_rows_"]
-
-
-def fail(name: str, value, accepted: str, kind: type = ValueError):
-    raise kind(f"invalid {name}={value!r}: accepted range is {accepted}")
-
-
-def _range_text(low, high, low_open, high_open) -> str:
-    if low is not None and high is not None:
-        return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if low is not None:
-        return f"a finite number {'>' if low_open else '>='} {low:g}"
-    if high is not None:
-        return f"a finite number {'<' if high_open else '<='} {high:g}"
-    return "a finite number"
-
-
-def check_real(name: str, value, *, low: float | None = None, high: float | None = None,
-               low_open: bool = False, high_open: bool = False, allow_tensor: bool = False) -> float:
-    """A finite real number in the given range (bools are not numbers here); returns it as a float.
-
-    ``allow_tensor``: also accept a one-element tensor (``torch.optim`` accepts a tensor ``lr``).
-    """
-    accepted = _range_text(low, high, low_open, high_open)
-    if allow_tensor and isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            fail(name, value, f"{accepted} (a tensor must hold one element)")
-        number = float(value.item())
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(name, value, f"{accepted} (got a {type(value).__name__})", TypeError)
-    else:
-        number = float(value)
-    ok = math.isfinite(number)
-    if ok and low is not None:
-        ok = number > low if low_open else number >= low
-    if ok and high is not None:
-        ok = number < high if high_open else number <= high
-    if not ok:
-        fail(name, value, accepted)
-    return number
-
-
-def check_betas(name: str, betas, count: int = 2) -> tuple[float, ...]:
-    """``count`` numbers, each in ``[0, 1)``."""
-    accepted = f"{count} numbers, each in [0, 1)"
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence):
-        fail(name, betas, accepted, TypeError)
-    if len(betas) != count:
-        fail(name, betas, accepted)
-    for b in betas:
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            fail(name, betas, accepted, TypeError)
-        if not (math.isfinite(b) and 0.0 <= b < 1.0):
-            fail(name, betas, accepted)
-    return tuple(float(b) for b in betas)
-
-
-def check_int(name: str, value, *, low: int | None = None, extra: str = "") -> int:
-    """An integer (not a bool) ``>= low``; ``extra`` is appended to the accepted range."""
-    accepted = (f"an integer >= {low}" if low is not None else "an integer") + extra
-    if isinstance(value, bool) or not isinstance(value, int):
-        fail(name, value, accepted, ValueError if isinstance(value, (float, str)) else TypeError)
-    if low is not None and value < low:
-        fail(name, value, accepted)
-    return value
-
-
-def check_choice(name: str, value, choices: Iterable) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        fail(name, value, "True or False")
+__all__ = ["OptimizerBase", "ParamUnit", "load_state_dict_keeping_dtypes", "check_param_shape", "write_rows_"]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -214,7 +133,8 @@ class OptimizerBase(torch.optim.Optimizer):
 
     A subclass defines ``_validate_group(group)`` (raise naming the option; it also checks the
     constructor's ``defaults`` unless ``_validate_defaults`` is overridden) and
-    ``_step_group(group_index, group)``, which updates the units of :meth:`param_units`.
+    ``_step_units(group, units)``, which updates the units (:class:`ParamUnit`) of a group --
+    all of those with gradients at :meth:`step`, one at :meth:`step_param`.
 
     Every param group records, when it is added, its parameters (the *roster*) and their global
     shapes (``group["shapes"]``, kept if given, e.g. by :func:`optimlib.optim.param_groups`).  When
@@ -237,8 +157,30 @@ class OptimizerBase(torch.optim.Optimizer):
     def _validate_defaults(self, defaults: dict) -> None:
         self._validate_group(defaults)
 
-    def _step_group(self, group_index: int, group: dict) -> None:
+    def _step_units(self, group: dict, units: list[ParamUnit]) -> None:
+        """Update ``units`` (parameters of ``group`` with gradients) by the optimizer's rule."""
         raise NotImplementedError
+
+    def _step_group(self, group_index: int, group: dict) -> None:
+        self._step_units(group, self.param_units(group_index, group))
+
+    def layerwise(self, accumulation_steps: int = 1) -> LayerwiseStepper:
+        """Switch to layer-wise (optimizer-in-backward) stepping; see :class:`LayerwiseStepper`."""
+        return LayerwiseStepper(self, accumulation_steps)
+
+    @torch.no_grad()
+    def step_param(self, param: torch.Tensor) -> None:
+        """Step one parameter now, with its param group's options and its own state -- the
+        per-parameter step of optimizer-in-backward (:class:`optimlib.optim.layerwise.LayerwiseStepper`).
+        ``param`` must be one of the optimizer's parameters and have a gradient."""
+        for gi, group in enumerate(self.param_groups):
+            for index, p in enumerate(group["params"]):
+                if p is param:
+                    self._seen_grad = True
+                    self._step_units(group, [self.param_unit(gi, group, index, p)])
+                    return
+        raise ValueError(f"{type(self).__name__}.step_param: the tensor of shape {tuple(param.shape)} is not a "
+                         "parameter of this optimizer")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -252,9 +194,26 @@ class OptimizerBase(torch.optim.Optimizer):
         self._rosters.append((group, params))
         self._validate_group(group)
 
-    # torch casts floating state to the parameter's dtype on load: keep what was saved (packed
-    # signs, int8 codes, float32 factors and moments, the float32 step).
     def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, and:
+
+        * a state dict written by a peer this optimizer replaces (``adamp``, ``galore_torch``,
+          ``pytorch_optimizer``) is converted first (:func:`optimlib.optim.migrate.convert_state_dict`);
+        * a param-group key the saved group lacks (an older version's state dict) takes this
+          optimizer's value for that group -- the constructor's default unless the group was built
+          with its own -- as torch fills group keys added since a state dict was written;
+        * every state tensor keeps the dtype it was saved with (torch casts floating state to the
+          parameter's dtype: packed signs, int8 codes, float32 factors and moments, the float32 step).
+        """
+        from optimlib.optim.migrate import convert_state_dict  # imports the optimizers: not at module level
+
+        state_dict = convert_state_dict(state_dict, self)
+        current = self.param_groups
+        saved = state_dict["param_groups"]
+        if len(saved) == len(current):  # (torch refuses a different count, naming it)
+            saved = [{**group, **{k: v for k, v in now.items() if k != "params" and k not in group}}
+                     for group, now in zip(saved, current)]
+            state_dict = {**state_dict, "param_groups": saved}
         load_state_dict_keeping_dtypes(self, state_dict, super().load_state_dict)
         # torch replaces the group dicts: the rosters follow them by position.
         self._rosters = [(group, roster) for group, (_, roster) in zip(self.param_groups, self._rosters)]
@@ -294,10 +253,18 @@ class OptimizerBase(torch.optim.Optimizer):
             "train: build the optimizer after wrapping.  Otherwise call step() after backward()")
 
     def check_grad(self, group_index: int, index: int, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """Refuse a sparse gradient; check the parameter's shape against its state
-        (:func:`check_param_shape`)."""
+        """Refuse a sparse gradient and a complex parameter (``TypeError`` naming it); check the
+        parameter's shape against its state (:func:`check_param_shape`)."""
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if param.is_complex() or grad.is_complex():
+            # Shape-aware rules (channel views, projections, matricization) are not defined on
+            # complex matrices, and torch.view_as_real would change the shape they see.
+            group = self.param_groups[group_index]
+            name = self.param_label(group, self._roster(group)[0], index)
+            raise TypeError(f"{type(self).__name__}: parameter {name} is complex ({param.dtype}); optimlib's "
+                            "optimizers step real parameters only.  Keep the parameter real (e.g. store "
+                            "torch.view_as_real(weight) and rebuild it with torch.view_as_complex in forward)")
         check_param_shape(self, group_index, index, param)
 
     # ------------------------------------------------------------------ what a step updates
@@ -336,10 +303,28 @@ class OptimizerBase(torch.optim.Optimizer):
         cannot resume a graph break inside a generator)."""
         params = group["params"]
         position, roster = self._roster(group)
+        if position >= 0 and self._adopt_resharded(position, group, roster):
+            roster = group["params"]
         if len(params) == len(roster) and all(p is q for p, q in zip(params, roster)):
             return [self.param_unit(group_index, group, i, p) for i, p in enumerate(params) if p.grad is not None]
         return [unit for flat in params if flat.grad is not None
                 for unit in self._flat_units(group_index, group, position, roster, flat)]
+
+    def _adopt_resharded(self, position: int, group: dict, roster: list[torch.Tensor]) -> bool:
+        """accelerate's FSDP2 preparation swaps each parameter of an optimizer built before
+        ``fully_shard`` for its sharded DTensor, one for one.  When every swapped tensor is a
+        DTensor of the recorded global shape, adopt the new parameters (moving any state)."""
+        params = group["params"]
+        if len(params) != len(roster) or all(p is q for p, q in zip(params, roster)):
+            return False
+        for i, (p, q) in enumerate(zip(params, roster)):
+            if p is not q and not (is_dtensor(p) and tuple(p.shape) == tuple(group["shapes"][i])):
+                return False
+        for p, q in zip(params, roster):
+            if p is not q and q in self.state:
+                self.state[p] = self.state.pop(q)
+        self._rosters[position] = (group, list(params))
+        return True
 
     def _flat_units(self, group_index: int, group: dict, position: int, roster: list[torch.Tensor],
                     flat: torch.Tensor) -> list[ParamUnit]:

@@ -25,9 +25,8 @@ across ranks with one small collective (five numbers per rank), and element-wise
 moments, SGD's momentum) lives on the local piece.  Nothing gathers a full gradient.
 
 :func:`scale_invariant_projection` is the reusable core: it works on any ``(R, n)`` owned rows of
-a gradient, weight and update (e.g. a back-projected GaLore update) and a ``RowBlock``;
-:func:`adamp_direction` is AdamP's element-wise Adam part (GaLore's ``inner="adamp"`` runs it on the
-low-rank moments, :mod:`optimlib.optim.galore`).
+a gradient, weight and update (e.g. a back-projected GaLore update, :mod:`optimlib.optim.galore.rules`)
+and a ``RowBlock``.
 """
 
 from __future__ import annotations
@@ -41,11 +40,11 @@ import torch.distributed as dist
 from optimlib.distributed.layout import to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels._dispatch import as_2d
-from optimlib.kernels.adam import adam_lowrank_update_
 from optimlib.kernels.adamp import adamp_apply_, adamp_coefficients, adamp_stats_
-from optimlib.optim._common import OptimizerBase, check_betas, check_real, write_rows_
+from optimlib.optim._common import OptimizerBase, ParamUnit, write_rows_
+from optimlib.validation import check_betas, check_real
 
-__all__ = ["AdamP", "SGDP", "adamp", "adamp_direction", "adamp_param_", "sgdp", "scale_invariant_projection",
+__all__ = ["AdamP", "SGDP", "adamp", "adamp_param_", "sgdp", "scale_invariant_projection",
            "channel_view_shape"]
 
 
@@ -130,21 +129,6 @@ def _project_local(grad: torch.Tensor, param: torch.Tensor, update: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- functional forms
-def adamp_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, step: int, *,
-                    lr: float, beta1: float, beta2: float, eps: float, nesterov: bool) -> tuple[torch.Tensor, float]:
-    """AdamP's Adam part, in place on the moments (``step`` already incremented, 1-based).
-
-    Returns ``(perturb, step_size)``: ``perturb = m / (sqrt(v) / sqrt(1 - beta2^t) + eps)`` (Nesterov:
-    ``(beta1 m + (1 - beta1) g) / ...``) and ``step_size = lr / (1 - beta1^t)``, exactly as
-    ``adamp.AdamP`` 0.3.0.  Element-wise, so it runs on any layout of one shape (a local piece, or
-    GaLore's low-rank projected gradient).  The op :func:`optimlib.kernels.adam_lowrank_update_`
-    with AdamP's bias corrections.
-    """
-    perturb = adam_lowrank_update_(exp_avg, exp_avg_sq, grad, beta1=beta1, beta2=beta2, eps=eps,
-                                   bias_correction2_sqrt=math.sqrt(1 - beta2 ** step), nesterov=nesterov)
-    return perturb, lr / (1 - beta1 ** step)
-
-
 def _combine_over(block: RowBlock):
     """``combine`` of :func:`optimlib.kernels.adamp_coefficients` for a row-sharded parameter:
     the global channel-cosine maximum and the global sums of the four per-row statistics (one
@@ -297,15 +281,17 @@ class AdamP(OptimizerBase):
 
     _validate_group = staticmethod(validate_adamp_group)
 
-    def _step_group(self, group_index: int, group: dict) -> None:
+    def _step_units(self, group: dict, units: list[ParamUnit]) -> None:
         lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "s", "shape", "piece")}
-        for unit in self.param_units(group_index, group):
+        for unit in units:
             state = unit.state
             if not state:
                 state["step"] = torch.tensor(0.0)
                 # zeros_like(param): a DTensor under FSDP2 (so distributed checkpoints shard it).
                 state["exp_avg"] = torch.zeros_like(unit.param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(unit.param, memory_format=torch.preserve_format)
+            if not isinstance(state.get("step"), torch.Tensor):  # new, or loaded as a Python number
+                state["step"] = torch.tensor(float(state.get("step", 0)))
             lists["p"].append(unit.local)
             lists["g"].append(unit.grad)
             lists["m"].append(to_local(state["exp_avg"]))
@@ -315,7 +301,7 @@ class AdamP(OptimizerBase):
             lists["piece"].append(unit.piece)
         beta1, beta2 = group["betas"]
         adamp(lists["p"], lists["g"], lists["m"], lists["v"], lists["s"], lists["shape"], lists["piece"],
-              beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+              beta1=beta1, beta2=beta2, lr=float(group["lr"]), weight_decay=group["weight_decay"],
               eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"], nesterov=group["nesterov"])
 
 
@@ -334,12 +320,14 @@ class SGDP(OptimizerBase):
 
     Args:
         params: parameters or param groups (may carry ``"shapes"``, see :class:`AdamP`).
-        lr: learning rate (required, >= 0).  momentum: in [0, 1).  dampening: in [0, 1].
+        lr: learning rate (>= 0; a number or a one-element tensor).  Defaults to 1e-3, as
+            ``torch.optim.SGD``'s (``adamp.SGDP`` requires it); a param group's own ``lr`` wins.
+        momentum: in [0, 1).  dampening: in [0, 1].
         weight_decay: >= 0 (decoupled, divided by ``1 - momentum``).  nesterov: Nesterov momentum.
         eps: >= 0.  delta: >= 0.  wd_ratio: in [0, 1].
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0, dampening: float = 0,
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
                  wd_ratio: float = 0.1):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -348,13 +336,13 @@ class SGDP(OptimizerBase):
 
     _validate_group = staticmethod(validate_sgdp_group)
 
-    def _step_group(self, group_index: int, group: dict) -> None:
+    def _step_units(self, group: dict, units: list[ParamUnit]) -> None:
         momentum = group["momentum"]
         lists: dict[str, list] = {k: [] for k in ("p", "g", "b", "s", "shape", "piece")}
-        for unit in self.param_units(group_index, group):
+        for unit in units:
             state = unit.state
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
+            if not isinstance(state.get("step"), torch.Tensor):  # new, or loaded as a Python number
+                state["step"] = torch.tensor(float(state.get("step", 0)))
             if momentum != 0 and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(unit.param, memory_format=torch.preserve_format)
             buf = state.get("momentum_buffer") if momentum != 0 else None
@@ -365,8 +353,9 @@ class SGDP(OptimizerBase):
             lists["shape"].append(unit.shape)
             lists["piece"].append(unit.piece)
         sgdp(lists["p"], lists["g"], lists["b"], lists["s"], lists["shape"], lists["piece"],
-             lr=group["lr"], momentum=momentum, dampening=group["dampening"], weight_decay=group["weight_decay"],
-             nesterov=group["nesterov"], eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])
+             lr=float(group["lr"]), momentum=momentum, dampening=group["dampening"],
+             weight_decay=group["weight_decay"], nesterov=group["nesterov"], eps=group["eps"], delta=group["delta"],
+             wd_ratio=group["wd_ratio"])
 
 
 # ----------------------------------------------------------------------------- registry

@@ -61,7 +61,8 @@ import torch
 
 from optimlib.distributed.layout import is_dtensor, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock, isqrt, near_square
-from optimlib.optim._common import OptimizerBase, check_choice, check_real
+from optimlib.optim._common import OptimizerBase, ParamUnit
+from optimlib.validation import check_choice, check_real
 from optimlib.kernels.smmf import smmf_decompress, smmf_factor_sums_, smmf_update_
 from optimlib.formats.bitpack import packed_numel
 
@@ -236,7 +237,7 @@ class SMMFLayout:
     def init_state(self, state: dict, param: torch.Tensor, *, momentum: bool = True, device=None) -> None:
         """Zero factors into ``state`` (replacing any there)."""
         R = self.block.num_rows
-        most = max(e - s for s, e in self.block._owned)
+        most = max(e - s for s, e in self.block.owned_rows)
         fresh = init_smmf_state(R, self.cols, momentum=momentum, device=device)
         if not momentum:
             for key in ("exp_avg_row", "exp_avg_col", "exp_avg_sign"):
@@ -407,17 +408,18 @@ class SMMF(OptimizerBase):
 
     _validate_group = staticmethod(validate_smmf_group)
 
-    def _step_group(self, group_index: int, group: dict) -> None:
-        for unit in self.param_units(group_index, group):
+    def _step_units(self, group: dict, units: list[ParamUnit]) -> None:
+        for unit in units:
             if math.prod(unit.shape) == 0:
                 continue
             state = unit.state
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
+            if not isinstance(state.get("step"), torch.Tensor):  # new, or loaded as a Python number
+                state["step"] = torch.tensor(float(state.get("step", 0)))
             state["step"] += 1
             smmf_param_(unit.local, unit.grad, unit.piece, unit.shape, state, float(state["step"].item()), unit.param,
-                        lr=group["lr"], beta=group["beta"], eps=group["eps"], weight_decay=group["weight_decay"],
-                        decay_rate=group["decay_rate"], growth_rate=group["growth_rate"],
+                        lr=float(group["lr"]), beta=group["beta"], eps=group["eps"],
+                        weight_decay=group["weight_decay"], decay_rate=group["decay_rate"],
+                        growth_rate=group["growth_rate"],
                         vector_reshape=group["vector_reshape"], weight_decay_mode=group["weight_decay_mode"])
 
 

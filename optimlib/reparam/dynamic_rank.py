@@ -67,7 +67,8 @@ from torch import nn
 from optimlib.distributed.layout import is_dtensor
 from optimlib.distributed.replicated import replace_parameter
 from optimlib.reparam import register_reparam
-from optimlib.reparam._lowrank import check_fraction, check_int, dense_linear, layer_generator
+from optimlib.validation import check_fraction, check_int
+from optimlib.reparam._lowrank import dense_linear, layer_generator
 
 SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
 """Optimizer-state keys holding elementwise squares (remapped through squared maps)."""
@@ -120,8 +121,8 @@ class DynamicRankLinear(nn.Module):
                  max_rank: int | None = None, tol: float = 0.1, augment: int | None = None,
                  interval: int = 10, bias: bool = True, seed: int | None = None, device=None, dtype=None):
         super().__init__()
-        self.in_features = check_int("in_features", in_features)
-        self.out_features = check_int("out_features", out_features)
+        self.in_features = check_int("in_features", in_features, 1)
+        self.out_features = check_int("out_features", out_features, 1)
         self.max_width = min(self.in_features, self.out_features)
         self.min_rank = check_int("min_rank", min_rank, 1, self.max_width)
         self.max_rank = check_int("max_rank", self.max_width if max_rank is None else max_rank,
@@ -129,7 +130,7 @@ class DynamicRankLinear(nn.Module):
         rank = check_int("rank", rank, self.min_rank, self.max_rank)
         self.tol = check_fraction("tol", tol, allow_one=False)
         self.augment = check_int("augment", max(1, rank // 4) if augment is None else augment, 0)
-        self.interval = check_int("interval", interval)
+        self.interval = check_int("interval", interval, 1)
         width = min(rank + self.augment, self.max_width)
         factory = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.zeros(self.out_features, width, **factory))

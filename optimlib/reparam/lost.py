@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimlib.reparam import register_reparam
-from optimlib.reparam._lowrank import check_fraction, check_int, count_of, dense_linear
+from optimlib.validation import check_fraction, check_int
+from optimlib.reparam._lowrank import count_of, dense_linear
 
 _ACTIVATIONS = {None: None, "none": None, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 _SCORES = {"l2": 2, "l1": 1}
@@ -60,8 +61,8 @@ class LOSTLinear(nn.Module):
                  gamma: float = 0.9, activation: str | None = None, bias: bool = True, *,
                  device=None, dtype=None):
         super().__init__()
-        self.in_features = check_int("in_features", in_features)
-        self.out_features = check_int("out_features", out_features)
+        self.in_features = check_int("in_features", in_features, 1)
+        self.out_features = check_int("out_features", out_features, 1)
         self.rank = check_int("rank", rank, 1, min(self.in_features, self.out_features))
         self.density = check_fraction("density", density)
         self.gamma = check_fraction("gamma", gamma, allow_one=False)

@@ -56,7 +56,8 @@ from torch import nn
 
 from optimlib.kernels import sltrain_compose, sltrain_grads
 from optimlib.reparam import register_reparam
-from optimlib.reparam._lowrank import check_fraction, check_int, count_of, dense_linear, layer_generator
+from optimlib.validation import check_fraction, check_int
+from optimlib.reparam._lowrank import count_of, dense_linear, layer_generator
 
 
 def sample_support(total: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
@@ -147,9 +148,9 @@ class SparseLowRankLinear(nn.Module):
                  alpha: float = 32.0, bias: bool = True, *, b_init: str | None = None,
                  seed: int | None = None, device=None, dtype=None):
         super().__init__()
-        self.in_features = check_int("in_features", in_features)
-        self.out_features = check_int("out_features", out_features)
-        self.rank = check_int("rank", rank)
+        self.in_features = check_int("in_features", in_features, 1)
+        self.out_features = check_int("out_features", out_features, 1)
+        self.rank = check_int("rank", rank, 1)
         self.density = check_fraction("density", density, allow_zero=True)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a positive number, got {alpha!r}")

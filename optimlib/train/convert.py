@@ -56,7 +56,8 @@ import torch
 from optimlib.distributed.row_block import FlatSlice
 from optimlib.formats.bitpack import pack_bits, packed_numel, unpack_bits
 from optimlib.optim.galore import is_lowrank_group
-from optimlib.optim.projection import chunk_bounds, matrix_shape, resolve_side
+from optimlib.distributed.row_block import chunk_bounds
+from optimlib.optim.galore.bases import matrix_shape, resolve_side
 from optimlib.optim.smmf import SMMFLayout
 
 CONVERTIBLE = ("single", "fsdp2")

@@ -244,11 +244,6 @@ def test_sgdp_validation(kw, arg):
         optimlib.SGDP([nn.Parameter(torch.zeros(2))], **kw)
 
 
-def test_sgdp_requires_lr():
-    with pytest.raises(TypeError):
-        optimlib.SGDP([nn.Parameter(torch.zeros(2))])
-
-
 def test_factory_builds_both():
     net = ConvNet()
     assert {"adamp", "sgdp"} <= set(optimlib.list_optimizers())

@@ -248,7 +248,7 @@ def test_reset_zeroes_the_moments_and_restarts_bias_correction():
 
 
 def test_rotate_maps_the_moments_into_the_new_basis():
-    from optimlib.optim.projection import random_orthogonal
+    from optimlib.optim.galore.bases import random_orthogonal
 
     opt, w, st, old_seed, m_old, v_old = _refresh_probe("rotate")
     p_old = random_orthogonal(8, 3, old_seed).t()
@@ -285,7 +285,7 @@ def test_rotate_preserves_the_first_moment_when_the_span_is_unchanged():
 
 def _right_basis(st, n=8):
     """The (r, n) right basis in ``st`` (regenerated from its seed for projection="random")."""
-    from optimlib.optim.projection import random_orthogonal
+    from optimlib.optim.galore.bases import random_orthogonal
 
     if "basis_seed" in st:
         return random_orthogonal(n, st["rank"], st["basis_seed"]).t()

@@ -312,8 +312,8 @@ def factors64(x: torch.Tensor):
 
 def _smmf_moments_after_one_step(on_refresh):
     from optimlib.distributed import FlatSlice, RowBlock
-    from optimlib.optim import galore
-    from optimlib.optim.projection import ProjectionConfig, Projector
+    from optimlib.optim.galore.moments import SMMFMoments, carry_moments
+    from optimlib.optim.galore.projection import ProjectionConfig, Projector
 
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(16, 8))
@@ -322,7 +322,7 @@ def _smmf_moments_after_one_step(on_refresh):
     w.grad = torch.randn(16, 8)
     opt.step()
     proj = Projector(ProjectionConfig.from_group(opt.param_groups[0]), RowBlock((16, 8), FlatSlice.whole(128)))
-    return opt.state[w], proj, galore._SMMFMoments(opt.state[w], proj, w, w), galore._on_refresh
+    return opt.state[w], proj, SMMFMoments(opt.state[w], proj, w, w), carry_moments
 
 
 @pytest.mark.parametrize("policy", ["rotate", "keep", "reset"])

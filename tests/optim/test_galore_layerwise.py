@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from optimlib import GaLoreAdamW
-from optimlib.optim.galore import LayerwiseStepper
+from optimlib.optim.layerwise import LayerwiseStepper
 
 ACC = 4
 

@@ -1,4 +1,4 @@
-"""The projection piece (optimlib.optim.projection) and 8-bit moments (optimlib.formats.quantize),
+"""The projection piece (optimlib.optim.galore.projection) and 8-bit moments (optimlib.formats.quantize),
 single process.  Multi-rank behaviour is covered by tests/distributed/test_galore_distributed.py."""
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import torch
 
 from optimlib.distributed import FlatSlice, RowBlock
 from optimlib.formats import quantize as q
-from optimlib.optim.projection import (
-    ProjectionConfig,
-    Projector,
+from optimlib.optim.galore.projection import ProjectionConfig, Projector
+from optimlib.optim.galore.bases import (
     canonicalize_signs,
     choose_rank,
     dct,
