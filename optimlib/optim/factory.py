@@ -6,9 +6,13 @@ optimizer:
 * norms, biases and embeddings (every parameter with fewer than two dimensions, and every
   ``nn.Embedding`` weight) go to a group with ``weight_decay=0``;
 * for methods registered with ``matrix_keys`` (projected / low-rank methods), the 2-D weights of
-  the attention and MLP linears (``target_modules`` overrides: names or regexes matched against
-  the module's qualified name, as Hugging Face's ``optim_target_modules``) go to their own group
-  carrying those keys (``rank``, ``update_proj_gap``, ...);
+  the attention and MLP linears go to their own group carrying those keys (``rank``,
+  ``update_proj_gap``, ...).  ``target_modules`` overrides the selection with Hugging Face's
+  ``optim_target_modules`` semantics (:func:`match_target`): a string is a regex the module's
+  qualified name must match in full (``"all-linear"``: every linear); a list matches a name equal
+  to an entry, containing an entry, or matching an entry as a full regex.  Linears are
+  ``nn.Linear`` and Hugging Face's ``Conv1D`` (GPT-2's transposed linear, see
+  :func:`is_conv1d`);
 * ``per_parameter_groups=True`` (what the launcher uses for shape-aware methods under DeepSpeed)
   gives each parameter its own group so that ZeRO partitions each one separately.
 
@@ -22,16 +26,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from optimlib.registry import Registry
-
-DEFAULT_TARGET_MODULES = (r"(^|\.)(attn|attention|self_attn)\.", r"(^|\.)(mlp|ffn|feed_forward)\.")
-
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -71,11 +72,63 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
     return _REGISTRY.get(name)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or name.endswith("." + p) or re.search(p, name + ".") for p in patterns)
+ALL_LINEAR = "all-linear"
 
 
-def linear_weight(module: nn.Linear) -> nn.Parameter:
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``transformers.Conv1D`` (GPT-2's projections): a linear
+    whose weight is stored transposed, ``(in_features, out_features)``, computing ``x @ W + b``.
+
+    Recognised by class name so that importing optimlib never imports transformers; subclasses
+    (FSDP2's ``FSDPConv1D``) count too."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+               for c in type(module).__mro__)
+
+
+def _is_target_candidate(module: nn.Module, conv1d: bool) -> bool:
+    if not (isinstance(module, nn.Linear) or (conv1d and is_conv1d(module))):
+        return False
+    weight = linear_weight(module)
+    return weight.requires_grad and len(getattr(weight, "ds_shape", weight.shape)) == 2
+
+
+def _check_targets(target_modules) -> str | tuple[str, ...]:
+    """``target_modules`` as :func:`match_target` reads it; a clear error for anything else."""
+    if isinstance(target_modules, str):
+        entries = (target_modules,)
+    elif isinstance(target_modules, (list, tuple)) and target_modules \
+            and all(isinstance(t, str) for t in target_modules):
+        entries = tuple(target_modules)
+    else:
+        raise TypeError(f"target_modules must be a string (a regex, or {ALL_LINEAR!r}) or a non-empty list of "
+                        f"module names or regexes, got {target_modules!r}")
+    for entry in entries:
+        try:
+            re.compile(entry)
+        except re.error as exc:
+            raise ValueError(f"target_modules entry {entry!r} is not a valid regular expression ({exc}); "
+                             f"escape it with re.escape to match it as a name") from None
+    return target_modules if isinstance(target_modules, str) else entries
+
+
+def is_all_linear(target_modules) -> bool:
+    return isinstance(target_modules, str) and target_modules.replace("_", "-") == ALL_LINEAR
+
+
+def match_target(target_modules: str | Sequence[str], name: str) -> bool:
+    """Hugging Face's ``optim_target_modules`` rule for the module qualified ``name``: a string is
+    a regex that must match the whole name (``"all-linear"`` matches every name); a list matches a
+    name that equals an entry, contains an entry, or fully matches an entry as a regex."""
+    if isinstance(target_modules, str):
+        return is_all_linear(target_modules) or re.fullmatch(target_modules, name) is not None
+    return any(name == t or t in name or re.fullmatch(t, name) is not None for t in target_modules)
+
+
+# The default targets: every linear inside an attention or MLP block.
+DEFAULT_TARGET_MODULES = (r"(.*\.)?(attn|attention|self_attn)(\..*)?", r"(.*\.)?(mlp|ffn|feed_forward)(\..*)?")
+
+
+def linear_weight(module: nn.Module) -> nn.Parameter:
     """The trainable weight behind ``module.weight``: for a parametrized linear (N:M sparsity,
     compander) ``module.weight`` is computed, and the parameter is the latent original."""
     if parametrize.is_parametrized(module, "weight"):
@@ -83,61 +136,95 @@ def linear_weight(module: nn.Linear) -> nn.Parameter:
     return module.weight
 
 
-def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[tuple[str, nn.Linear]]:
-    """``(qualified name, module)`` of the trainable 2-D ``nn.Linear`` layers matched by
-    ``target_modules`` (names or regexes; default: the attention and MLP linears)."""
-    targets = tuple(target_modules) if target_modules is not None else DEFAULT_TARGET_MODULES
+def target_linears(model: nn.Module, target_modules: str | Sequence[str] | None = None, *,
+                   conv1d: bool = False) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of the trainable 2-D linears matched by ``target_modules``
+    (:func:`match_target`; default: the attention and MLP linears).  Linears are ``nn.Linear``,
+    and with ``conv1d=True`` also Hugging Face's ``Conv1D`` (:func:`is_conv1d`; the optimizer
+    factory takes them, the reparameterizations, which replace ``nn.Linear`` modules, do not)."""
+    targets = _check_targets(target_modules) if target_modules is not None else DEFAULT_TARGET_MODULES
     found = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and linear_weight(mod).requires_grad and linear_weight(mod).dim() == 2
-             and _matches(name, targets)]
+             if name and _is_target_candidate(mod, conv1d) and match_target(targets, name)]
     if not found:
-        raise ValueError(f"target_modules {list(targets)} matched no nn.Linear in the model")
+        shown = targets if isinstance(targets, str) else list(targets)
+        kinds = "nn.Linear or transformers Conv1D" if conv1d else "nn.Linear"
+        hint = ""
+        if not conv1d and any(_is_target_candidate(m, True) and match_target(targets, n)
+                              for n, m in model.named_modules() if n):
+            hint = (" (it matched only transformers Conv1D layers, GPT-2's transposed linears, which this "
+                    "does not convert)")
+        raise ValueError(f"target_modules {shown!r} matched no trainable 2-D {kinds} in the model{hint}")
     return found
 
 
-def param_groups(model: nn.Module, *, weight_decay: float = 0.0,
-                 target_modules: Sequence[str] | None = None, matrix_options: dict | None = None,
-                 per_parameter_groups: bool = False) -> list[dict]:
-    """Split ``model``'s trainable parameters into decay / no-decay / targeted-matrix groups."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    matrix_ids = set()
-    if matrix_options is not None:
-        matrix_ids = {id(linear_weight(mod)) for _, mod in target_linears(model, target_modules)}
+def conv1d_group_options(options: dict, shape: Sequence[int]) -> dict:
+    """The targeted-matrix options for a ``Conv1D`` weight of stored shape ``(in, out)``.
 
-    buckets: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "decay": [], "no_decay": []}
+    Options are written for the ``(out, in)`` orientation of ``nn.Linear``.  The only
+    orientation-dependent one is GaLore's ``proj_type``: the side the ``(out, in)`` matrix would
+    get is resolved and the opposite side forced on the stored transpose, so the projected
+    update is the transpose of the one the equivalent ``nn.Linear`` gets (also for square
+    weights, where ``std`` would otherwise keep the other dimension)."""
+    if "proj_type" not in options:
+        return options
+    from optimlib.optim.galore.bases import resolve_side
+
+    n_in, n_out = int(shape[0]), int(shape[1])
+    linear_side = resolve_side(n_out, n_in, options["proj_type"])
+    return {**options, "proj_type": "left" if linear_side == "right" else "right"}
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def param_groups(model: nn.Module, *, weight_decay: float = 0.0,
+                 target_modules: str | Sequence[str] | None = None, matrix_options: dict | None = None,
+                 per_parameter_groups: bool = False) -> list[dict]:
+    """Split ``model``'s trainable parameters into targeted-matrix / decay / no-decay groups (in
+    that order).  A weight shared with an ``nn.Embedding`` (a tied output layer) is an embedding;
+    a targeted ``Conv1D`` weight gets :func:`conv1d_group_options` (a group of its own when they
+    differ from the ``nn.Linear`` weights')."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrix = {"weight_decay": weight_decay, **(matrix_options or {})}
+    targeted: dict[int, bool] = {}  # id(weight) -> is a Conv1D weight
+    if matrix_options is not None:
+        for _, mod in target_linears(model, target_modules, conv1d=True):
+            if id(linear_weight(mod)) not in embeddings:
+                targeted[id(linear_weight(mod))] = is_conv1d(mod)
+
+    kinds = ("matrix", "decay", "no_decay")
+    buckets: dict[tuple, tuple[dict, list[tuple[str, nn.Parameter]]]] = {}
     seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if id(p) in matrix_ids:
-            buckets["matrix"].append((name, p))
-        elif p.dim() < 2 or id(p) in embeddings:
-            buckets["no_decay"].append((name, p))
+        if id(p) in targeted:
+            options = conv1d_group_options(matrix, _shape(p)) if targeted[id(p)] else matrix
+            key, extra = ("matrix", options.get("proj_type")), options
+        elif len(_shape(p)) < 2 or id(p) in embeddings:
+            key, extra = ("no_decay",), {"weight_decay": 0.0}
         else:
-            buckets["decay"].append((name, p))
+            key, extra = ("decay",), {"weight_decay": weight_decay}
+        buckets.setdefault(key, (extra, []))[1].append((name, p))
 
-    def group(items, **extra):
+    def group(items, extra):
         return {"params": [p for _, p in items], "names": [n for n, _ in items],
-                "shapes": [tuple(getattr(p, "ds_shape", p.shape)) for _, p in items], **extra}
+                "shapes": [_shape(p) for _, p in items], **extra}
 
-    extras = {"matrix": {"weight_decay": weight_decay, **(matrix_options or {})},
-              "decay": {"weight_decay": weight_decay},
-              "no_decay": {"weight_decay": 0.0}}
     groups = []
-    for kind in ("matrix", "decay", "no_decay"):
-        items = buckets[kind]
-        if not items:
-            continue
+    for key in sorted(buckets, key=lambda k: kinds.index(k[0])):  # stable: first appearance within a kind
+        extra, items = buckets[key]
         if per_parameter_groups:
-            groups.extend(group([it], **extras[kind]) for it in items)
+            groups.extend(group([it], extra) for it in items)
         else:
-            groups.append(group(items, **extras[kind]))
+            groups.append(group(items, extra))
     return groups
 
 
 def create_optimizer(model: nn.Module, name: str = "adamw", *, lr: float = 1e-3,
-                     weight_decay: float = 0.0, target_modules: Sequence[str] | None = None,
+                     weight_decay: float = 0.0, target_modules: str | Sequence[str] | None = None,
                      per_parameter_groups: bool = False, **kwargs) -> torch.optim.Optimizer:
     """Build the registered optimizer ``name`` over ``model``'s parameters.
 
