@@ -129,7 +129,8 @@ def test_nonfinite_skip_keeps_the_nm_srste_term_and_counts_only_applied_steps(tm
     still gets the SR-STE term once, its gradient being the paper's ``g + lam * (1 - m) * W`` with
     ``g`` the loss gradient of the same micro-batches replayed without the term, and the schedule
     counts the 5 applied steps only."""
-    from optimlib.reparam.nm import nm_mask, nm_parametrizations
+    from optimlib.reparam.nm import nm_mask
+    from optimlib.reparam.nm_export import nm_parametrizations
 
     lam, accum, checked, batches = 0.05, 4, [], []
     real_fb, real_step = Engine.forward_backward, Engine.step

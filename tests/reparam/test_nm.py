@@ -15,7 +15,8 @@ from torch.nn.utils import parametrize
 import optimlib
 from optimlib import reparam
 from optimlib.models import build_model
-from optimlib.reparam.nm import SemiStructuredUnavailable, nm_mask, nm_sparsify, to_semi_structured
+from optimlib.reparam.nm import nm_mask, nm_sparsify
+from optimlib.reparam.nm_export import SemiStructuredUnavailable, to_semi_structured
 
 PATTERNS = [(2, 4), (1, 4), (2, 8), (1, 8), (1, 16), (1, 32)]
 
@@ -330,7 +331,7 @@ def test_the_loop_hook_advances_every_layer_once_per_step():
     reparam.apply(net, "nm", n=2, m=4, recipe="sdgf", decay_steps=4)
     for _ in range(3):
         reparam.after_step(net, None)
-    steps = [int(p.step) for _, _, p in optimlib.reparam.nm.nm_parametrizations(net)]
+    steps = [int(p.step) for _, _, p in optimlib.reparam.nm_export.nm_parametrizations(net)]
     assert steps == [3, 3]
 
 
