@@ -17,3 +17,7 @@ __all__ += ["AdamP", "SGDP", "SMMF"]
 from optimlib.optim import GaLoreAdamW  # noqa: E402
 
 __all__ += ["GaLoreAdamW"]
+
+from optimlib.optim.migrate import convert_state_dict  # noqa: E402
+
+__all__ += ["convert_state_dict"]

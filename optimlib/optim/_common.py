@@ -21,6 +21,7 @@ from optimlib.distributed.flat_partition import LayoutError, is_fsdp1_flat, map_
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.optim.layerwise import LayerwiseStepper
+from optimlib.optim.migrate import convert_state_dict
 from optimlib.validation import fail
 
 __all__ = ["OptimizerBase", "ParamUnit", "load_state_dict_keeping_dtypes", "check_param_shape", "write_rows_"]
@@ -205,8 +206,6 @@ class OptimizerBase(torch.optim.Optimizer):
         * every state tensor keeps the dtype it was saved with (torch casts floating state to the
           parameter's dtype: packed signs, int8 codes, float32 factors and moments, the float32 step).
         """
-        from optimlib.optim.migrate import convert_state_dict  # imports the optimizers: not at module level
-
         state_dict = convert_state_dict(state_dict, self)
         current = self.param_groups
         saved = state_dict["param_groups"]
