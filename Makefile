@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.optimlib-installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: pretrain test install clean
+.PHONY: pretrain test install clean gpu-check
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ pretrain: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Every GPU figure in one call of <= 9 minutes (launch/gpu_check.py; docs/benchmarks.md), on the
+# machine's own Python, torch and Triton: no venv, nothing downloaded.  The editable install may
+# fail offline (it needs setuptools); the script then imports this tree without it.
+GPU_PYTHON ?= python3
+gpu-check:
+	-$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	$(GPU_PYTHON) launch/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

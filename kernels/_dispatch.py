@@ -29,7 +29,8 @@ of the launch, routes every call of a compiled ``JITFunction`` (helpers and Trit
 library) to an interpreted twin of it.  ``TRITON_INTERPRET=1`` is then only the user's opt-in
 (and it makes Triton's own code take its interpreter branches), and may be set at any time.
 Every patch is undone when the launch returns, so interpreted and compiled launches can share a
-process (CPU tests next to GPU tests, or :func:`compile_for_cuda` after interpreted runs).
+process (CPU tests next to GPU tests, or :func:`compile_for_cuda` after interpreted runs); how,
+and what differs between Triton releases: :mod:`optimlib.kernels._interpreter`.
 
 Also here: device helpers the kernels share (:func:`round_through`, :func:`cast_rn`: rounding
 through bf16/fp16 exactly as the GPU and eager PyTorch do), launch recording and ahead-of-time
@@ -41,10 +42,11 @@ import io
 import math
 import os
 import re
-import threading
 from typing import Callable, Iterable
 
 import torch
+
+from optimlib.kernels._interpreter import interpreted_twin, interpreting
 
 ENV_VAR = "OPTIMLIB_KERNELS"
 BACKENDS = ("auto", "triton", "reference")
@@ -121,46 +123,6 @@ def use_triton(backend: str, tensors: Iterable[torch.Tensor | None]) -> bool:
 
 
 # ----------------------------------------------------------------------------- launching
-_INTERPRETED: dict = {}
-_LOCK = threading.RLock()
-
-
-def _interpreted(fn: Callable):
-    f = _INTERPRETED.get(fn)
-    if f is None:
-        f = _INTERPRETED[fn] = InterpretedFunction(fn)
-    return f
-
-
-def _call_interpreted(self, *args, **kwargs):
-    """Run a (compiled-mode) JIT function's Python under the interpreter, as
-    ``InterpretedFunction.__call__`` does -- but undo its patches of ``triton.language`` when it
-    returns.  (Triton's version leaves a device function's patches of modules its kernel did not
-    patch, e.g. ``tl.core`` for ``tl.sum``, in place: harmless in a process that only interprets,
-    fatal to a later GPU compilation in the same process.)"""
-    from triton.runtime import interpreter
-
-    fn = _interpreted(self.fn).rewrite()
-    scope = interpreter._patch_lang(self.fn)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        scope.restore()
-
-
-@contextlib.contextmanager
-def _interpreting():
-    """Route calls of compiled ``JITFunction`` objects (kernel helpers, ``tl.sum`` ...) to
-    interpreted twins for the duration of one interpreted launch."""
-    with _LOCK:
-        original = JITFunction.__call__
-        JITFunction.__call__ = _call_interpreted
-        try:
-            yield
-        finally:
-            JITFunction.__call__ = original
-
-
 _LAUNCH_ONLY = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 # Compiled launches do not contract ``a * b + c`` into one FMA: eager PyTorch rounds the product
@@ -206,12 +168,13 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         return
     meta = {k: v for k, v in kwargs.items() if k not in _LAUNCH_ONLY}
     if InterpretedFunction is not None and isinstance(kernel, InterpretedFunction):
-        kernel[grid](*args, **meta)      # decorated under TRITON_INTERPRET=1: triton interprets everything
+        with interpreting(route_jit=False):    # decorated under TRITON_INTERPRET=1: triton interprets everything
+            kernel[grid](*args, **meta)
     elif not interpreted(kernel, [a for a in args if isinstance(a, torch.Tensor)]):
         kernel[grid](*args, **{**_COMPILE_OPTIONS, **kwargs})
     else:
-        with _interpreting():
-            _interpreted(kernel.fn)[grid](*args, **meta)
+        with interpreting():
+            interpreted_twin(kernel.fn)[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -366,15 +329,60 @@ def compile_for_cuda(kernel, args: tuple, kwargs: dict, arch: int = 90) -> dict:
             raise TypeError(f"cannot type argument {p.name}={value!r}")
     options = {**_COMPILE_OPTIONS, **{k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}}
     src = ASTSource(fn=jitted, signature=signature, constexprs=constexprs)
-    from triton import knobs
     log = io.StringIO()
-    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
-        knobs.nvidia.dump_ptxas_log = True
-        knobs.compilation.always_compile = True      # a cache hit would skip ptxas and its report
+    with _always_compile(), contextlib.redirect_stdout(log):   # a cache hit would skip ptxas and its report
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     text = log.getvalue()
+    if "Used " not in text:          # Triton before 3.5 does not print ptxas' report: ask ptxas again
+        text = _ptxas_report(compiled.asm["ptx"], arch)
     regs = re.findall(r"Used (\d+) registers", text)
     spills = re.findall(r"(\d+) bytes spill stores", text)
     return {"kernel": fn.__name__, "registers": int(regs[-1]) if regs else None,
             "spill_bytes": int(spills[-1]) if spills else None, "shared_bytes": compiled.metadata.shared,
             "compiled": compiled}
+
+
+@contextlib.contextmanager
+def _always_compile():
+    """Triton compiles (no cache hit) and prints ptxas' report where it can (``triton.knobs``,
+    Triton 3.4 and later; the ``TRITON_ALWAYS_COMPILE`` variable before)."""
+    try:
+        from triton import knobs
+    except ImportError:
+        saved = os.environ.get("TRITON_ALWAYS_COMPILE")
+        os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_ALWAYS_COMPILE", None)
+            else:
+                os.environ["TRITON_ALWAYS_COMPILE"] = saved
+        return
+    with knobs.nvidia.scope(), knobs.compilation.scope():
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        yield
+
+
+def _ptxas_report(ptx: str, arch: int) -> str:
+    """``ptxas -v`` on ``ptx`` with the flags Triton compiles with (line info, no FMA contraction,
+    its ``--gpu-name``), through the ptxas Triton uses."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia import compiler
+
+    try:
+        from triton import knobs
+        ptxas = knobs.nvidia.ptxas.path
+    except ImportError:
+        ptxas = compiler.get_ptxas(arch)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        cmd = [ptxas, "-lineinfo", "--fmad=false", "-v",
+               f"--gpu-name={compiler.sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "kernel.cubin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return proc.stdout + proc.stderr

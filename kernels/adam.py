@@ -167,7 +167,7 @@ def _quantize(x, mask, cb_ptr, noise, N: tl.constexpr, SIGNED: tl.constexpr, STO
         c = tl.load(cb_ptr + mid, mask=active & (mid < N), other=float("inf"))
         right = c < u
         lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & (~right), mid, hi)
+        hi = tl.where(active & (right == 0), mid, hi)   # (not ~right: no ~ in 3.3's interpreter)
     up_i = tl.minimum(tl.maximum(lo, 1), N - 1)
     lo_i = up_i - 1
     c_lo = tl.load(cb_ptr + lo_i)

@@ -113,7 +113,7 @@ def _grad_kernel(g_ptr, w_ptr, mask_ptr, pending_ptr, out_ptr, R, C, sg0, sg1, s
         g = round_through(g * s, odt)
     if HAS_LAM:
         w = tl.load(w_ptr + rows * sw0 + cols * sw1, mask=ok, other=0.0).to(tl.float32)
-        pruned = ~keep
+        pruned = keep == 0   # (not ~keep: no ~ in Triton 3.3's interpreter)
         if HAS_PENDING:                                  # the term is due only while the flag is set
             pruned = pruned & (tl.load(pending_ptr) != 0)
         g = g + round_through(lam * tl.where(pruned, w, 0.0), odt)

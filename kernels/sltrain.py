@@ -81,7 +81,7 @@ def _lower_bound(idx_ptr, nnz, keys, steps):
         val = tl.load(idx_ptr + mid, mask=active, other=0).to(tl.int64)
         right = val < keys
         lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & (~right), mid, hi)
+        hi = tl.where(active & (right == 0), mid, hi)   # (not ~right: no ~ in 3.3's interpreter)
     return lo
 
 
@@ -139,6 +139,8 @@ def _sampled_kernel(dy_ptr, x_ptr, idx_ptr, out_ptr, T, M, N, nnz, steps, sdy0, 
             tl.store(out_ptr + pos, cast_rn(tl.gather(acc, local, axis=1), odt), mask=ok)
 
 
+# Both kernels run 8 warps: with 4, the fp32 (IEEE) tiles spill on sm_90 under some Triton
+# releases (compose: 255 registers and 8 bytes spilled at 3.6; the sampled GEMM 8 bytes at 3.4).
 def _gemm_blocks(M: int, N: int, K: int) -> tuple[int, int, int]:
     bm = max(16, min(64, next_pow2(M)))
     bn = max(16, min(64, next_pow2(N)))
@@ -163,7 +165,7 @@ def _compose_triton(B, A_s, values, indices) -> torch.Tensor:
            indices if has_sparse else B, W, M, N, K, nnz, _steps(nnz), B.stride(0), B.stride(1), A_s.stride(0),
            A_s.stride(1), HAS_SPARSE=has_sparse, PRECISION=dot_precision(B.dtype),
            DOT_UPCAST=interpreted(_compose_kernel, (B, A_s)), IDX=index_dtype(W, B, A_s), BM=bm, BN=bn, BK=bk,
-           CH=16, GROUP_M=8, num_warps=4, num_stages=3)
+           CH=16, GROUP_M=8, num_warps=8, num_stages=3)
     return W
 
 
@@ -183,8 +185,7 @@ def _grads_triton(dy, x, B, A_s, indices, need_b, need_a, need_v):
                    dy.stride(0), dy.stride(1), xd.stride(0), xd.stride(1), PRECISION=dot_precision(dy.dtype),
                    DOT_UPCAST=interpreted(_sampled_kernel, (dy,)),
                    IDX=index_dtype(dy, xd) if M * N < 2 ** 31 - 1 else tl.int64,   # keys index the virtual dW
-                   BM=bm, BN=bn, BK=bk, CH=16, GROUP_M=8, num_warps=4,
-                   num_stages=3)
+                   BM=bm, BN=bn, BK=bk, CH=16, GROUP_M=8, num_warps=8, num_stages=3)
     return dB, dA, dv
 
 

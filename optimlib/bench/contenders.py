@@ -7,10 +7,12 @@ A :class:`Contender` is a name and a function that builds an optimizer over a mo
   :func:`optimizer_kwargs` -- low-rank methods get the GaLore paper's rank for the model;
 * ``baseline``: ``torch.optim.AdamW(foreach=True)``, the denominator of every ratio (on a CPU
   torch's default for AdamW is the per-tensor loop, so ``foreach`` is asked for explicitly);
+  with ``fused=True`` also ``torch.optim.AdamW(fused=True)`` (``torch_adamw_fused``), the fastest
+  AdamW torch has on a GPU;
 * ``peer``: the reference implementations users would otherwise run -- galore-torch's
   ``GaLoreAdamW``, pytorch_optimizer's ``GaLore`` and ``AdamP``, clovaai's ``adamp.AdamP`` --
-  when importable, bitsandbytes' 8-bit Adam on CUDA only and apex's ``FusedAdam`` when importable
-  on CUDA.  Peers get the same parameter split as ours (:func:`optimlib.optim.param_groups`:
+  when importable, bitsandbytes' 8-bit Adam, torchao's ``AdamW8bit`` and apex's ``FusedAdam`` on
+  CUDA only, when importable.  Peers get the same parameter split as ours (:func:`optimlib.optim.param_groups`:
   the attention and MLP linears are the low-rank group, the rest plain).
 
 Contenders are rebuilt from their name (:func:`get_contender`), which is how a fresh worker
@@ -29,10 +31,11 @@ from torch import nn
 from optimlib.models import CONFIGS, LlamaConfig
 from optimlib.optim import create_optimizer, get_optimizer_spec, list_optimizers, param_groups
 
-__all__ = ["Contender", "BASELINE", "PAPER_RANKS", "paper_rank", "optimizer_kwargs", "contenders",
+__all__ = ["Contender", "BASELINE", "FUSED", "PAPER_RANKS", "paper_rank", "optimizer_kwargs", "contenders",
            "get_contender", "is_low_rank"]
 
 BASELINE = "torch_adamw_foreach"
+FUSED = "torch_adamw_fused"
 LR = 1e-3
 
 # GaLore paper Table 2 / App. C (7B: the 8-bit GaLore run); llama_tiny: a quarter of its width.
@@ -109,6 +112,13 @@ def _baseline(model_name) -> Contender:
     return Contender(BASELINE, "baseline", build, note="torch.optim.AdamW(foreach=True)")
 
 
+def _fused_baseline(model_name) -> Contender:
+    def build(model: nn.Module, **_):
+        return create_optimizer(model, "adamw", lr=LR, fused=True)
+
+    return Contender(FUSED, "baseline", build, note="torch.optim.AdamW(fused=True)")
+
+
 def _split(model: nn.Module, **matrix_options) -> list[dict]:
     """Our parameter split without our bookkeeping keys (peers see plain torch param groups)."""
     groups = param_groups(model, matrix_options=matrix_options or None)
@@ -171,6 +181,14 @@ def _peers(model_name, device: torch.device) -> list[Contender]:
 
         found.append(Contender("bitsandbytes.Adam8bit", "peer", bnb_adam8bit, note="8-bit blockwise Adam (CUDA)",
                                module="bitsandbytes"))
+    if device.type == "cuda" and _importable("torchao"):
+        def torchao_adamw8bit(model, **_):
+            from torchao.optim import AdamW8bit
+
+            return AdamW8bit(_split(model), lr=LR)
+
+        found.append(Contender("torchao.AdamW8bit", "peer", torchao_adamw8bit, note="torchao 8-bit AdamW (CUDA)",
+                               module="torchao"))
     if device.type == "cuda" and _importable("apex"):
         def apex_fused_adam(model, **_):
             from apex.optimizers import FusedAdam
@@ -182,14 +200,16 @@ def _peers(model_name, device: torch.device) -> list[Contender]:
 
 
 def contenders(model_name: str, device: torch.device | str = "cpu", names: list[str] | None = None,
-               peers: bool = True) -> list[Contender]:
-    """The baseline, every registered optimizer and (``peers=True``) the importable peers.
+               peers: bool = True, fused: bool = False) -> list[Contender]:
+    """The baseline (with ``fused=True`` also :data:`FUSED`), every registered optimizer and
+    (``peers=True``) the importable peers.
 
     ``names`` restricts the list (the baseline is always kept): registered names, peer names
     as listed (``galore_torch.GaLoreAdamW``, ...) or the baseline's; an unknown one is an error.
     """
     device = torch.device(device)
-    every = [_baseline(model_name)] + [_ours(n, model_name) for n in list_optimizers()]
+    every = [_baseline(model_name)] + ([_fused_baseline(model_name)] if fused else [])
+    every += [_ours(n, model_name) for n in list_optimizers()]
     if peers:
         every += _peers(model_name, device)
     if names is None:
@@ -204,4 +224,4 @@ def contenders(model_name: str, device: torch.device | str = "cpu", names: list[
 
 def get_contender(model_name: str, name: str, device: torch.device | str = "cpu") -> Contender:
     """The contender called ``name`` (see :func:`contenders`)."""
-    return contenders(model_name, device, names=[name])[-1]
+    return contenders(model_name, device, names=[name], fused=name == FUSED)[-1]
