@@ -83,7 +83,7 @@ def test_dry_run_writes_every_part_and_the_summary(tmp_path):
     for name, r in pre.items():
         if name != "adamw":
             assert r["status"].startswith("not run: dry run"), (name, r["status"])
-            assert r["estimate"]["total"] > 0 and f"model.name=llama_tiny" in r["overrides"]
+            assert r["estimate"]["total"] > 0 and "model.name=llama_tiny" in r["overrides"]
     states = {n: r["estimate"]["optimizer_states"] for n, r in pre.items()}
     assert states["smmf"] < states["galore_adamw int8"] < states["galore_adamw"] < states["adamw"]
     assert "optim.kwargs.rank=32" in pre["galore_adamw"]["overrides"]     # the paper's rank for the model
