@@ -5,6 +5,11 @@
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/default.yaml deepspeed.zero_stage=2
 
 Overrides are dotted ``key=value`` pairs (see the README's config reference).
+
+Resuming (docs/checkpoints.md): ``resume=auto`` continues the newest checkpoint in ``out_dir``
+and does nothing for a finished run ("already at step N"); every checkpoint file is checked
+before it is loaded (``resume_trusted=true`` skips that); a new run refuses an ``out_dir`` that
+holds another run's outputs unless ``overwrite=true``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,15 @@ converts at load time (``python -m optimlib.train.convert SRC DST`` writes any o
 single-engine checkpoint).  DeepSpeed checkpoints resume under DeepSpeed on the same world size;
 their files load with ``torch.load(weights_only=True)`` once :func:`deepspeed_safe_globals` are
 allow-listed.
+
+Safety: before anything of a checkpoint is loaded, every file the engine will read passes the
+checks of :mod:`optimlib.train.safe_load` (no pickle may name code), unless ``resume_trusted``.
+
+Identity: the manifest records the run that wrote the checkpoint (``run``: its config without
+the keys that may change on resume, :func:`optimlib.train.config.run_identity`, and that
+config's SHA-256).  :func:`load_first_good` refuses a checkpoint of another config with
+:class:`ForeignCheckpointError` unless ``resume_other_config``; a checkpoint without the record
+(written before it existed) is accepted.
 """
 
 from __future__ import annotations
@@ -36,12 +45,17 @@ from pathlib import Path
 
 import torch
 
+from optimlib.train import safe_load
+from optimlib.train.safe_load import (CheckpointError, CheckpointRefused,  # noqa: F401 (public names here)
+                                      UnsafeCheckpointError, deepspeed_safe_globals)
+
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+OTHER_CONFIG_KEY = "resume_other_config"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or no usable checkpoint could be read."""
+class ForeignCheckpointError(CheckpointRefused):
+    """The checkpoint was written by a run with another config (its manifest says so)."""
 
 
 def _sha256(path: Path) -> str:
@@ -108,8 +122,9 @@ def read_manifest(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def _seal(tmp: Path, final: Path, step: int, engine_name: str, world_size: int) -> None:
-    """fsync the files in ``tmp``, write their manifest, rename ``tmp`` to ``final`` (one process)."""
+def _seal(tmp: Path, final: Path, step: int, engine_name: str, world_size: int, run: dict | None) -> None:
+    """fsync the files in ``tmp``, write their manifest (``run``: the writer's identity, see
+    :func:`run_record`), rename ``tmp`` to ``final`` (one process)."""
     try:
         _fsync_tree(tmp)
         paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
@@ -117,6 +132,8 @@ def _seal(tmp: Path, final: Path, step: int, engine_name: str, world_size: int) 
         manifest = {"step": step, "engine": engine_name, "world_size": world_size,
                     "files": {n: p.stat().st_size for n, p in zip(names, paths)},
                     "sha256": {n: _sha256(p) for n, p in zip(names, paths)}}
+        if run is not None:
+            manifest["run"] = run
         with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()
@@ -131,8 +148,9 @@ def _seal(tmp: Path, final: Path, step: int, engine_name: str, world_size: int) 
                               f"({exc.strerror or exc}); the earlier checkpoints there are intact") from exc
 
 
-def save(engine, root: Path, step: int, meta: dict) -> Path:
-    """Write a checkpoint of ``engine`` at ``step`` atomically; every rank must call it."""
+def save(engine, root: Path, step: int, meta: dict, run: dict | None = None) -> Path:
+    """Write a checkpoint of ``engine`` at ``step`` atomically; every rank must call it.
+    ``run``: the writing run's identity for the manifest (:func:`run_record`)."""
     root = Path(root)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -154,7 +172,7 @@ def save(engine, root: Path, step: int, meta: dict) -> Path:
         raise CheckpointError(f"could not write the checkpoint of step {step} under '{root}' ({reason}); "
                               f"the earlier checkpoints there are intact") from failed
     if engine.rank == 0:
-        _seal(tmp, final, step, engine.name, engine.world_size)
+        _seal(tmp, final, step, engine.name, engine.world_size, run)
     engine.barrier()
     return final
 
@@ -167,18 +185,46 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, path: Path) -> dict:
+def check_files(path: Path, manifest: dict) -> None:
+    """Raise :class:`UnsafeCheckpointError` unless every file the checkpoint's engine reads passes
+    :mod:`optimlib.train.safe_load`'s checks (loads nothing; every rank reaches the same verdict)."""
+    path = Path(path)
+    if manifest["engine"] == "fsdp2":
+        safe_load.check_dcp(path / "dcp")
+        safe_load.check_file(path / "meta.pt")
+    elif manifest["engine"] == "deepspeed":
+        allow = deepspeed_safe_globals()
+        for file in sorted(path.rglob("*.pt")):         # every file DeepSpeed could open, listed or not
+            safe_load.check_file(file, allow=allow)
+    else:
+        safe_load.check_file(path / "state.pt")
+
+
+def load(engine, path: Path, *, trusted: bool = False) -> dict:
     """Restore ``engine`` from the checkpoint at ``path``; returns its metadata.
 
-    A checkpoint of the same engine on the same world size loads natively (exactly).  A single or
-    FSDP2 checkpoint loads into the other of the two, or into FSDP2 on another world size, through
-    :mod:`optimlib.train.convert`."""
+    Every file is checked first (:func:`check_files`) and read the safe way, unless ``trusted``
+    (``resume_trusted``).  A checkpoint of the same engine on the same world size loads natively
+    (exactly).  A single or FSDP2 checkpoint loads into the other of the two, or into FSDP2 on
+    another world size, through :mod:`optimlib.train.convert`."""
     path = Path(path)
     if not _manifest_ok(path):
         raise FileNotFoundError(f"'{path}' is not a complete optimlib checkpoint (missing or mismatched {MANIFEST})")
     manifest = read_manifest(path)
-    if manifest["engine"] == engine.name and manifest["world_size"] == engine.world_size:
-        return _LOADERS[engine.name](engine, path)
+    native = manifest["engine"] == engine.name and manifest["world_size"] == engine.world_size
+    if not native:
+        _check_convertible(engine, path, manifest)
+    if not trusted:
+        check_files(path, manifest)
+    if native:
+        return _LOADERS[engine.name](engine, path, trusted)
+    from optimlib.train import convert
+
+    return convert.load_converted(engine, path, manifest, trusted=trusted)
+
+
+def _check_convertible(engine, path: Path, manifest: dict) -> None:
+    """Raise ``ValueError`` unless the checkpoint at ``path`` converts into ``engine``."""
     from optimlib.train import convert
 
     if manifest["engine"] not in convert.CONVERTIBLE or engine.name not in convert.CONVERTIBLE:
@@ -193,13 +239,13 @@ def load(engine, path: Path) -> dict:
                          f"{engine.world_size} rank(s), and its model has layers whose parameters change shape "
                          f"(dynamic rank), which are checkpointed beside the engine's files: resume it under the "
                          f"engine and world size that wrote it")
-    return convert.load_converted(engine, path, manifest)
 
 
 # ------------------------------------------------------------------ single process
-def write_single(final: Path, state: dict) -> Path:
+def write_single(final: Path, state: dict, run: dict | None = None) -> Path:
     """Write ``state`` (``{"model", "optimizer", "meta", "rng"}``) as the single-engine checkpoint
-    directory ``final`` (atomic, with its manifest); used by the converter's command line."""
+    directory ``final`` (atomic, with its manifest recording ``run``); used by the converter's
+    command line."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -209,7 +255,7 @@ def write_single(final: Path, state: dict) -> Path:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write '{final}' ({exc.strerror or exc})") from exc
-    _seal(tmp, final, int(state["meta"]["step"]), "single", 1)
+    _seal(tmp, final, int(state["meta"]["step"]), "single", 1, run)
     return final
 
 
@@ -219,8 +265,8 @@ def _save_single(engine, tmp: Path, meta: dict) -> None:
     torch.save(state, tmp / "state.pt")
 
 
-def _load_single(engine, path: Path) -> dict:
-    state = torch.load(path / "state.pt", map_location=engine.device, weights_only=True)
+def _load_single(engine, path: Path, trusted: bool) -> dict:
+    state = safe_load.load_file(path / "state.pt", map_location=engine.device, trusted=trusted)
     engine.model.load_state_dict(state["model"])
     engine.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"].cpu())
@@ -239,16 +285,18 @@ def _save_fsdp2(engine, tmp: Path, meta: dict) -> None:
                    tmp / "meta.pt")
 
 
-def _load_fsdp2(engine, path: Path) -> dict:
+def _load_fsdp2(engine, path: Path, trusted: bool) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    reader = safe_load.dcp_reader(path / "dcp", trusted=trusted)
+    with safe_load.guarded_loads(path / "dcp", trusted=trusted, reader=reader):
+        dcp.load(state, storage_reader=reader)
     set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
-    extra = torch.load(path / "meta.pt", weights_only=True)
+    extra = safe_load.load_file(path / "meta.pt", trusted=trusted)
     engine.load_replicated_state_dict(extra.get("replicated"))
     torch.set_rng_state(extra["rng"])
     return extra["meta"]
@@ -260,25 +308,9 @@ def _save_deepspeed(engine, tmp: Path, meta: dict) -> None:
     engine.model.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=client, save_latest=False)
 
 
-def deepspeed_safe_globals() -> list:
-    """The DeepSpeed classes its ZeRO optimizer files pickle (besides tensors and builtins).
-
-    DeepSpeed writes ``zero_pp_rank_*_optim_states.pt`` itself, with its ``LossScaler``, the
-    ``ZeroStageEnum`` and ``fragment_address`` tuples inside; its ``mp_rank_*_model_states.pt``
-    needs nothing extra.  Load them without arbitrary unpickling by allow-listing these::
-
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            torch.load(path, weights_only=True)
-    """
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _load_deepspeed(engine, path: Path) -> dict:
-    _, client = engine.model.load_checkpoint(str(path.parent), tag=path.name)
+def _load_deepspeed(engine, path: Path, trusted: bool) -> dict:
+    with safe_load.guarded_loads(path, allow=deepspeed_safe_globals(), trusted=trusted):
+        _, client = engine.model.load_checkpoint(str(path.parent), tag=path.name)
     if client is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint at '{path}'")
     engine.load_replicated_state_dict(client.get("optimlib_replicated"))
@@ -305,18 +337,47 @@ def resolve_resume(resume: str | None, root: Path) -> list[Path]:
     return [path]
 
 
-def load_first_good(engine, candidates: list[Path]) -> tuple[Path, dict] | tuple[None, None]:
+def run_record(identity: dict) -> dict:
+    """The manifest's ``run`` entry for a run whose identity is ``identity`` (a flat mapping of
+    config keys, :func:`optimlib.train.config.run_identity`): the mapping and its SHA-256."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return {"config_sha256": hashlib.sha256(text.encode()).hexdigest(), "config": json.loads(text)}
+
+
+def check_run(path: Path, run: dict | None) -> None:
+    """Raise :class:`ForeignCheckpointError` when the manifest of the checkpoint at ``path`` records
+    a run other than ``run`` (:func:`run_record`); no record on either side passes."""
+    theirs = read_manifest(path).get("run")
+    if run is None or not theirs or theirs.get("config_sha256") == run["config_sha256"]:
+        return
+    mine, old = run["config"], theirs.get("config", {})
+    diffs = [f"{k} = {old.get(k, '(unset)')!r} there, {mine.get(k, '(unset)')!r} here"
+             for k in sorted(set(mine) | set(old)) if old.get(k) != mine.get(k)]
+    raise ForeignCheckpointError(
+        f"checkpoint '{path}' was written by a run with another config ({'; '.join(diffs[:6]) or 'a changed config'}"
+        f"{'; ...' if len(diffs) > 6 else ''}); resume it with the config that wrote it, set "
+        f"{OTHER_CONFIG_KEY}=true to continue it under this config, or start the new run in another out_dir")
+
+
+def load_first_good(engine, candidates: list[Path], *, run: dict | None = None,
+                    trusted: bool = False) -> tuple[Path, dict] | tuple[None, None]:
     """Load the first of ``candidates`` that verifies and loads; warn about each one skipped.
 
     Every rank checks the same files, so all ranks skip the same checkpoints.  With a single
     candidate (an explicit ``resume`` path) a bad checkpoint is an error, not a fresh start.
+    A checkpoint of another run (``run``: this run's :func:`run_record`; None: not checked) or
+    one that fails the safety checks (unless ``trusted``) stops the resume: a
+    :class:`CheckpointRefused`, never a fallback to an older checkpoint.
     """
     problems = []
     for path in candidates:
         problem = verify(path)
         if problem is None:
+            check_run(path, run)
             try:
-                return path, load(engine, path)
+                return path, load(engine, path, trusted=trusted)
+            except CheckpointRefused:
+                raise
             except Exception as exc:  # noqa: BLE001 - any unreadable file means "try the previous one"
                 problem = f"loading failed: {type(exc).__name__}: {exc}"
         problems.append(f"'{path}': {problem}")

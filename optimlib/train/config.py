@@ -92,7 +92,19 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
     resume: Optional[str] = None
-    """``auto`` (newest complete checkpoint in ``out_dir``, if any) or a checkpoint path."""
+    """``auto`` (newest complete checkpoint in ``out_dir``, if any) or a checkpoint path.  A
+    finished run re-launched with ``auto`` does nothing ("already at step N")."""
+    resume_trusted: bool = False
+    """Load the checkpoint's files without the safety checks (``weights_only=False``, DCP's own
+    ``pickle.load``), as if they were code: only for checkpoints you trust like code, in a format
+    the checks do not admit (docs/checkpoints.md)."""
+    resume_other_config: bool = False
+    """Resume a checkpoint whose manifest records another config (keys outside
+    :data:`RESUME_MAY_CHANGE` changed); without it such a resume stops with an error."""
+    overwrite: bool = False
+    """A run that does not continue ``out_dir``'s own checkpoints (a fresh start, or ``resume``
+    naming a checkpoint elsewhere), in an ``out_dir`` that holds another run's checkpoints or
+    ``summary.json``, deletes that run's outputs first; without it the run refuses to start."""
     engine: str = "auto"
     """``auto`` (deepspeed when launched by ``deepspeed``, fsdp2 under ``torchrun`` with
     several ranks, else single), ``single``, ``fsdp2`` or ``deepspeed``."""
@@ -106,6 +118,17 @@ class RunConfig:
 
 
 ENGINES = ("auto", "single", "fsdp2", "deepspeed")
+
+RESUME_MAY_CHANGE = (
+    "out_dir", "resume", "resume_trusted", "resume_other_config", "overwrite",   # where and how to resume
+    "engine", "device", "deepspeed",                       # how it runs (the manifest checks the engine)
+    "train.steps",                                         # extending a run
+    "train.micro_batch",                                   # follows the world size; the global batch stays
+    "train.eval_every", "train.eval_blocks", "train.log_every", "train.progress",   # reporting
+    "train.checkpoint_every", "train.keep_checkpoints", "train.on_nonfinite",        # operations
+)
+"""Config keys (a section name covers its keys) that may differ between a checkpoint's run and
+the run resuming it.  Every other key is part of the run's identity (:func:`run_identity`)."""
 
 
 # ---------------------------------------------------------------------- typed construction
@@ -282,3 +305,22 @@ def validate(cfg: RunConfig) -> None:
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def run_identity(cfg: RunConfig) -> dict:
+    """The run's identity: every config key outside :data:`RESUME_MAY_CHANGE`, flat (dotted key ->
+    value); checkpoints record it, and a resume under another identity is refused."""
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            key, value = prefix + f.name, getattr(node, f.name)
+            if key in RESUME_MAY_CHANGE:
+                continue
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                flat[key] = value
+
+    walk(cfg, "")
+    return flat

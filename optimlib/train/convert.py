@@ -8,10 +8,11 @@ keyed here by parameter name (FQN) as ``torch.distributed.checkpoint.state_dict.
 keys it.  ``python -m optimlib.train.convert SRC DST`` writes it out as a single-engine
 checkpoint, e.g. to consolidate an FSDP2 checkpoint for evaluation on one device.
 
-Reading an FSDP2 checkpoint: ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``
-assembles every DTensor from its shards.  Loading into FSDP2: ``set_state_dict`` with
-``full_state_dict=True`` cuts each full tensor along the placements of the optimizer's own
-(DTensor) state.  Both are exact copies.  For most of our optimizers' state that is all it takes,
+Reading an FSDP2 checkpoint: DCP's ``_EmptyStateDictLoadPlanner`` (what
+``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` uses) assembles every DTensor
+from its shards, through the checked reader of :mod:`optimlib.train.safe_load`.  Loading into
+FSDP2: ``set_state_dict`` with ``full_state_dict=True`` cuts each full tensor along the
+placements of the optimizer's own (DTensor) state.  Both are exact copies.  For most of our optimizers' state that is all it takes,
 because under FSDP2 every state tensor is a DTensor whose global shape is the single-process
 tensor: AdamW / AdamP moments (``Shard(0)`` like the parameter), GaLore's low-rank moments
 (``Shard`` on the kept dimension) and projection bases (left ``(m, r)``: ``Shard(0)``; right
@@ -48,7 +49,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -156,15 +156,19 @@ def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 # ------------------------------------------------------------------ read any, load into any
-def read_whole(path: Path, manifest: dict, names: list[str] | None = None) -> dict:
+def read_whole(path: Path, manifest: dict, names: list[str] | None = None, *, trusted: bool = False) -> dict:
     """The checkpoint at ``path`` in single-process form: ``{"model", "optimizer", "rng", "meta"}``
     with full tensors on the CPU and the optimizer state keyed by parameter name.
 
     ``names``: the optimizer's parameter names in order, needed for a single-engine checkpoint
-    whose groups do not record them."""
+    whose groups do not record them.  The files are read the safe way
+    (:mod:`optimlib.train.safe_load`) unless ``trusted``; check them first
+    (:func:`optimlib.train.checkpoint.check_files`) so that a refusal loads nothing."""
+    from optimlib.train import safe_load
+
     path = Path(path)
     if manifest["engine"] == "single":
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        state = safe_load.load_file(path / "state.pt", trusted=trusted)
         optim = state["optimizer"]
         if names is None:
             names = [n for group in optim["param_groups"] for n in group["names"]]
@@ -172,25 +176,27 @@ def read_whole(path: Path, manifest: dict, names: list[str] | None = None) -> di
     if manifest["engine"] != "fsdp2":
         raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']}, which resumes only "
                          f"under the same engine and world size; conversion covers {' and '.join(CONVERTIBLE)}")
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    with tempfile.TemporaryDirectory(prefix="optimlib-convert-") as tmp:
-        dcp_to_torch_save(path / "dcp", Path(tmp) / "whole.pt")
-        state = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
+    state: dict = {}
+    reader = safe_load.dcp_reader(path / "dcp", trusted=trusted)
+    with safe_load.guarded_loads(path / "dcp", trusted=trusted, reader=reader):
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     _convert_smmf_slots(state["optimizer"], int(manifest["world_size"]), to_slots=False)
-    extra = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    extra = safe_load.load_file(path / "meta.pt", trusted=trusted)
     return {**state, "rng": extra["rng"], "meta": extra["meta"]}
 
 
-def load_converted(engine, path: Path, manifest: dict) -> dict:
+def load_converted(engine, path: Path, manifest: dict, *, trusted: bool = False) -> dict:
     """Restore ``engine`` (single or FSDP2, any world size) from a single or FSDP2 checkpoint of
-    another engine or world size; returns its metadata."""
+    another engine or world size; returns its metadata (files read as :func:`read_whole` does)."""
     if engine.name not in CONVERTIBLE:
         raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']} on "
                          f"{manifest['world_size']} rank(s); engine={engine.name} resumes only its own "
                          f"checkpoints on the same world size")
     names = optimizer_param_names(engine.module, engine.optimizer)
-    state = read_whole(path, manifest, names)
+    state = read_whole(path, manifest, names, trusted=trusted)
     if engine.name == "single":
         engine.model.load_state_dict(state["model"])
         engine.optimizer.load_state_dict(_keyed(state["optimizer"], names, by_name=False))
@@ -211,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "single-engine checkpoint: one state.pt of full tensors.")
     parser.add_argument("src", type=Path, help="a checkpoint directory (…/checkpoints/step_XXXXXXXX)")
     parser.add_argument("dst", type=Path, help="the directory to create")
+    parser.add_argument("--trusted", action="store_true",
+                        help="read SRC without the safety checks (weights_only=False): only for a checkpoint you "
+                             "trust like code (the launcher's resume_trusted=true)")
     args = parser.parse_args(argv)
     from optimlib.train import checkpoint
 
@@ -222,12 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: '{args.dst}' exists; choose a new directory", file=sys.stderr)
         return 1
     manifest = checkpoint.read_manifest(args.src)
-    state = read_whole(args.src, manifest)
+    try:
+        if not args.trusted:
+            checkpoint.check_files(args.src, manifest)
+        state = read_whole(args.src, manifest, trusted=args.trusted)
+    except (checkpoint.CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     groups = state["optimizer"]["param_groups"]
     names = [n for group in groups for n in group["params"]]
     state["optimizer"] = _keyed(state["optimizer"], names, by_name=False)
     state["meta"] = {**state["meta"], "engine": "single", "world_size": 1, "converted_from": manifest["engine"]}
-    checkpoint.write_single(args.dst, state)
+    checkpoint.write_single(args.dst, state, run=manifest.get("run"))
     print(json.dumps({"src": str(args.src), "dst": str(args.dst), "from": manifest["engine"],
                       "world_size": manifest["world_size"]}))
     return 0

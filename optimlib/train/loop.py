@@ -20,8 +20,8 @@ import torch
 from optimlib.data import PackedBlocks, global_batch_indices, load_corpus, rank_indices
 from optimlib import reparam
 from optimlib.models import build_model
-from optimlib.train import checkpoint
-from optimlib.train.config import ConfigError, RunConfig, to_dict
+from optimlib.train import checkpoint, run_dir
+from optimlib.train.config import ConfigError, RunConfig, run_identity, to_dict
 from optimlib.train.engine import ENGINES, NonFiniteGradientError, detect_engine, init_distributed, pick_device
 from optimlib.train.metrics import MetricsWriter, format_bytes, peak_flops, peak_rss_bytes, write_summary
 from optimlib.train.schedule import warmup_cosine
@@ -98,6 +98,15 @@ def pretrain(cfg: RunConfig, *, local_rank: int | None = None) -> dict:
 
 
 def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
+    out_dir = Path(cfg.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    resume_candidates = checkpoint.resolve_resume(cfg.resume, ckpt_root)
+    run = checkpoint.run_record(run_identity(cfg))
+    expected_run = None if cfg.resume_other_config else run
+    done_before = run_dir.finished(cfg, resume_candidates, expected_run)
+    if done_before is not None:
+        return done_before
+    run_dir.claim(cfg, resume_candidates)              # before anything is written
     device = pick_device(cfg)
     rank, world = init_distributed(device) if engine_name != "single" else (0, 1)
     if engine_name == "single" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -107,9 +116,6 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
         raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
                           f"train.micro_batch x world size ({t.micro_batch} x {world})")
     accum = t.batch_size // (t.micro_batch * world)
-    out_dir = Path(cfg.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    resume_candidates = checkpoint.resolve_resume(cfg.resume, ckpt_root)
 
     corpus = load_corpus(cfg.data)
     seed_everything(cfg.seed)
@@ -136,7 +142,8 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     eval_batch = eval_blocks.get(rank_indices(np.arange(n_eval), rank, world)).to(device)
 
     start_step = 0
-    resume_path, meta = checkpoint.load_first_good(engine, resume_candidates)
+    resume_path, meta = checkpoint.load_first_good(engine, resume_candidates, run=expected_run,
+                                                   trusted=cfg.resume_trusted)
     if meta is not None:
         start_step = int(meta["step"])
         skipped_steps = int(meta.get("skipped_steps", 0))
@@ -204,7 +211,7 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
             last_eval = evaluate()
             writer.log(done, eval_loss=last_eval, eval_ppl=float(np.exp(min(last_eval, 50))))
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-            checkpoint.save(engine, ckpt_root, done, {"seed": cfg.seed, "skipped_steps": skipped_steps})
+            checkpoint.save(engine, ckpt_root, done, {"seed": cfg.seed, "skipped_steps": skipped_steps}, run)
             if rank == 0:
                 checkpoint.prune(ckpt_root, t.keep_checkpoints)
     stop.restore()
@@ -214,7 +221,7 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     if not interrupted:
         last_eval = evaluate()
         writer.log(final_step, eval_loss=last_eval, eval_ppl=float(np.exp(min(last_eval, 50))))
-    checkpoint.save(engine, ckpt_root, final_step, {"seed": cfg.seed, "skipped_steps": skipped_steps})
+    checkpoint.save(engine, ckpt_root, final_step, {"seed": cfg.seed, "skipped_steps": skipped_steps}, run)
     if rank == 0:
         checkpoint.prune(ckpt_root, t.keep_checkpoints)
 
@@ -263,12 +270,13 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
 
 def render_summary(s: dict, out_dir: Path) -> str:
     tps = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "n/a"
-    first, final = (f"{s[k]:.4f}" if s[k] is not None else "n/a" for k in ("first_eval_loss", "final_eval_loss"))
+    first, final, train = (f"{s[k]:.4f}" if s[k] is not None else "n/a"
+                           for k in ("first_eval_loss", "final_eval_loss", "final_train_loss"))
     lines = [
         f"optimlib pretrain: {s['engine']} x{s['world_size']}, optimizer {s['optimizer']}, {s['device']}",
         f"  steps            {s['steps']} ({s['tokens']:,} tokens)"
         + (f", {s['skipped_steps']} skipped (non-finite gradients)" if s["skipped_steps"] else ""),
-        f"  train loss       {s['final_train_loss']:.4f}",
+        f"  train loss       {train}",
         f"  eval loss        {first} -> {final}",
         f"  tokens/s         {tps}" + (f"  (MFU {100 * s['mfu']:.1f}%)" if s.get("mfu") else ""),
         f"  parameters       {s['num_parameters']:,} ({format_bytes(s['param_bytes'])} on this rank)",

@@ -1,9 +1,14 @@
 """Optimizer state across checkpoints and engines, through ``launch/pretrain.py`` (2 CPU ranks).
 
-* DeepSpeed ZeRO-2 resumes its own checkpoint exactly: 6 steps uninterrupted vs. the same run
-  resumed (``resume=auto``) from its step-3 checkpoint, GaLore AdamW (projection bases, low-rank
-  moments, step counters in the state, a basis refresh every 2 steps so that the resumed run both
-  uses a loaded basis and refreshes one): every loss of steps 4-6 bit-identical.
+* DeepSpeed ZeRO-2 and ZeRO-3 and FSDP2 resume their own checkpoints exactly: 6 steps
+  uninterrupted vs. the same run resumed (``resume=auto``) from its step-3 checkpoint, GaLore
+  AdamW (projection bases, low-rank moments, step counters in the state, a basis refresh every 2
+  steps so that the resumed run both uses a loaded basis and refreshes one): every loss of steps
+  4-6 bit-identical.
+* A crafted checkpoint (tests/checkpoint_tamper.py: a pickled ``os.system("touch marker")`` in
+  one file, the manifest's checksums updated) is refused, for each kind of file each engine
+  writes: the launcher stops naming the file and the global, the marker never appears, the run
+  folder is byte-identical afterwards; ``convert`` refuses it too.
 * single <-> FSDP2 conversion (:mod:`optimlib.train.convert`): 3 steps under one engine, its
   step-3 checkpoint resumed under the other (``resume=auto`` converts by itself), compared with an
   uninterrupted 6-step single-process run (and once from 2 to 4 FSDP2 ranks), for GaLore AdamW, GaLore with SMMF's rule, SMMF and
@@ -23,6 +28,8 @@ import shutil
 import pytest
 import torch
 
+from checkpoint_tamper import (copy_checkpoint, craft_dcp_item, craft_dcp_metadata, craft_torch_file, launch_refused,
+                               snapshot)
 from conftest import PRETRAIN, TINY_RUN, launch, train_losses
 from optimlib.train import checkpoint, convert
 
@@ -56,13 +63,13 @@ def _assert_steps_4_to_6_match(reference, out):
         assert got[step] == pytest.approx(ref[step], rel=RTOL), (step, ref[step], got[step])
 
 
-def _cached_runs(tmp_path_factory, kind, launcher):
+def _cached_runs(tmp_path_factory, kind, launcher, extra=()):
     runs = {}
 
     def get(name):
         if name not in runs:
             out = tmp_path_factory.mktemp(f"{kind}-{name}")
-            launch(PRETRAIN, [*COMMON, *OPTIMIZERS[name], f"out_dir={out}"], launcher=launcher)
+            launch(PRETRAIN, [*COMMON, *OPTIMIZERS[name], *extra, f"out_dir={out}"], launcher=launcher)
             runs[name] = out
         return runs[name]
     return get
@@ -80,21 +87,76 @@ def fsdp2_runs(tmp_path_factory):
     return _cached_runs(tmp_path_factory, "fsdp2", "torchrun")
 
 
-def test_deepspeed_zero2_resumes_galore_exactly(tmp_path):
-    args = [*COMMON, *OPTIMIZERS["galore_adamw"], "deepspeed.zero_stage=2"]
-    full = tmp_path / "full"
-    launch(PRETRAIN, [*args, f"out_dir={full}"], launcher="deepspeed")
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    """The same runs under DeepSpeed on 2 ranks: ``zero_runs[stage](name)``, ZeRO-2 and ZeRO-3."""
+    return {stage: _cached_runs(tmp_path_factory, f"zero{stage}", "deepspeed", [f"deepspeed.zero_stage={stage}"])
+            for stage in (2, 3)}
+
+
+def _assert_steps_4_to_6_bit_exact(reference, out):
+    ref, got = train_losses(reference), train_losses(out)
+    assert sorted(got) == [4, 5, 6]
+    assert all(got[s] == ref[s] for s in got), (ref, got)            # bit-exact, not approximately
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resumes_galore_exactly(zero_runs, tmp_path, stage):
+    args = [*COMMON, *OPTIMIZERS["galore_adamw"], f"deepspeed.zero_stage={stage}"]
+    full = zero_runs[stage]("galore_adamw")
     step3 = checkpoint.step_dir(full / "checkpoints", 3)
     assert checkpoint.read_manifest(step3)["engine"] == "deepspeed"
     files = sorted(step3.glob("*.pt"))
-    assert len(files) == 3, files                                     # model states + one optimizer file per rank
+    assert len(files) == {2: 3, 3: 4}[stage], files                 # model states (ZeRO-3: per rank), optimizer per rank
     with torch.serialization.safe_globals(checkpoint.deepspeed_safe_globals()):
         for f in files:
             torch.load(f, weights_only=True)                          # no arbitrary unpickling
     _resume_from_step_3(full, tmp_path / "resumed", args, "deepspeed")
-    ref, got = train_losses(full), train_losses(tmp_path / "resumed")
-    assert sorted(got) == [4, 5, 6]
-    assert all(got[s] == ref[s] for s in got), (ref, got)            # bit-exact, not approximately
+    _assert_steps_4_to_6_bit_exact(full, tmp_path / "resumed")
+
+
+def test_fsdp2_resumes_its_own_checkpoint_exactly(fsdp2_runs, tmp_path):
+    summary = _resume_from_step_3(fsdp2_runs("galore_adamw"), tmp_path, [*COMMON, *OPTIMIZERS["galore_adamw"]],
+                                  "torchrun")
+    assert summary["engine"] == "fsdp2" and summary["world_size"] == 2
+    _assert_steps_4_to_6_bit_exact(fsdp2_runs("galore_adamw"), tmp_path)
+
+
+# Each kind of file each engine writes: (engine, the file or DCP entry given the payload).
+CRAFTED = [("fsdp2", ".metadata"), ("fsdp2", "optimizer.param_groups.0.lr"), ("fsdp2", "model.embed.weight"),
+           ("fsdp2", "meta.pt"),
+           (2, "mp_rank_00_model_states.pt"), (2, "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+           (3, "zero_pp_rank_0_mp_rank_00_model_states.pt"), (3, "zero_pp_rank_1_mp_rank_00_optim_states.pt")]
+
+
+@pytest.mark.parametrize("engine, target", CRAFTED)
+def test_crafted_checkpoint_is_refused_and_runs_nothing(fsdp2_runs, zero_runs, tmp_path, capsys, engine, target):
+    """Every rank checks every file, so all refuse together: none enters the engine's load alone,
+    which would leave the others waiting in its collectives until the launcher's timeout."""
+    name = "galore_adamw"
+    source = fsdp2_runs(name) if engine == "fsdp2" else zero_runs[engine](name)
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    ckpt = copy_checkpoint(checkpoint.step_dir(source / "checkpoints", 3), out, 3)
+    where = ""
+    if target == ".metadata":
+        crafted = craft_dcp_metadata(ckpt / "dcp", marker)
+    elif target.endswith(".pt"):
+        crafted = craft_torch_file(ckpt, target, marker)
+    else:                                                             # an entry inside a .distcp file
+        crafted, offset = craft_dcp_item(ckpt / "dcp", target, marker)
+        where = f" (its item at byte {offset})"
+    before = snapshot(out)
+    args = [*COMMON, *OPTIMIZERS[name], f"out_dir={out}", "resume=auto"]
+    extra, launcher = ([], "torchrun") if engine == "fsdp2" else ([f"deepspeed.zero_stage={engine}"], "deepspeed")
+    text = launch_refused([*args, *extra], launcher=launcher)
+    refusal = f"'{crafted}'{where} was refused: it holds the global 'posix.system'"
+    assert refusal in text, text[-4000:]
+    assert not marker.exists()
+    assert snapshot(out) == before                                    # nothing loaded, nothing written
+
+    assert convert.main([str(ckpt), str(tmp_path / "converted")]) == 1
+    assert refusal in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "converted").exists()
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
