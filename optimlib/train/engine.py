@@ -54,7 +54,13 @@ def pick_device(cfg: RunConfig) -> torch.device:
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group the launcher described (env://); returns (rank, world_size)."""
+    """Join the process group the launcher described (env://); returns (rank, world_size).
+
+    Under ``torchrun --max-restarts``, a restarted attempt joins through keys of its own
+    (``TORCHELASTIC_RESTART_COUNT``): torchrun's static rendezvous (``--master_port``) keeps one
+    store for every attempt, and the process group's keys in it still hold the addresses the
+    previous attempt's ranks published, so the new ranks would connect to dead ones (gloo:
+    ``connectFullMesh`` refused or waiting until its timeout)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and "MASTER_ADDR" not in os.environ:
         return 0, 1
@@ -62,7 +68,13 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt == "0":
+            dist.init_process_group(backend=backend)
+        else:
+            store, rank, world = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"optimlib/attempt_{attempt}", store),
+                                    rank=rank, world_size=world)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -7,6 +7,7 @@ uninterrupted run: bit-exact on one process, within 2e-5 relative on 2 FSDP2 ran
 tolerance of the FSDP2 parity test).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -84,6 +85,32 @@ def test_kill_9_of_one_torchrun_rank_then_relaunch_finishes_the_same(tmp_path):
     proc.communicate(timeout=300)
     assert proc.returncode != 0                      # torchrun tears the job down
     launch(PRETRAIN, [*fsdp_run, f"out_dir={out}", "resume=auto"], launcher="torchrun")
+    ref, got = train_losses(reference), train_losses(out)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5), (step, ref[step], got[step])
+
+
+@pytest.mark.distributed
+def test_kill_9_of_one_torchrun_rank_restarts_in_place_and_finishes_the_same(tmp_path):
+    """``torchrun --max-restarts=1`` with ``resume=auto`` in the command: the restarted attempt
+    joins a new process group (the static rendezvous keeps one store for every attempt) and
+    continues from the newest complete checkpoint."""
+    fsdp_run = [*RUN, "train.grad_clip=0.5", "resume=auto"]
+    reference = tmp_path / "reference"
+    launch(PRETRAIN, [*fsdp_run, f"out_dir={reference}"], launcher="torchrun")
+    out = tmp_path / "restarted"
+    proc = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+                   f"--master_port={free_port()}", str(PRETRAIN), *fsdp_run, f"out_dir={out}"])
+    _wait_for_checkpoint(out / "checkpoints", proc)
+    victims = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if c.environ().get("LOCAL_RANK") == "1"]
+    assert victims, "rank 1 not found"
+    os.kill(victims[0].pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-4000:]      # the restart finished the run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] and Path(summary["resumed_from"]).parent == out / "checkpoints"
     ref, got = train_losses(reference), train_losses(out)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:
