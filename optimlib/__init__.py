@@ -14,9 +14,9 @@ from optimlib.optim import SGDP, SMMF, AdamP  # noqa: E402
 
 __all__ += ["AdamP", "SGDP", "SMMF"]
 
-from optimlib.optim import GaLoreAdamW  # noqa: E402
+from optimlib.optim import ApolloAdamW, COAPAdamW, FiraAdamW, GaLoreAdamW, QGaLoreAdamW  # noqa: E402
 
-__all__ += ["GaLoreAdamW"]
+__all__ += ["ApolloAdamW", "COAPAdamW", "FiraAdamW", "GaLoreAdamW", "QGaLoreAdamW"]
 
 from optimlib.optim.migrate import convert_state_dict  # noqa: E402
 

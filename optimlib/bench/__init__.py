@@ -13,9 +13,7 @@
 from optimlib.bench.accounting import StateBytes, grad_bytes, param_bytes, saved_activation_bytes, state_bytes
 from optimlib.bench.activations import activation_bytes
 from optimlib.bench.estimate import MemoryEstimate, estimate_memory
-from optimlib.bench.state_rules import OptimizerTensor, get_state_rule, list_state_rules, register_state_rule
 from optimlib.bench.timing import interleaved, summarize
 
-__all__ = ["MemoryEstimate", "OptimizerTensor", "StateBytes", "activation_bytes", "estimate_memory",
-           "get_state_rule", "grad_bytes", "interleaved", "list_state_rules", "param_bytes", "register_state_rule",
-           "saved_activation_bytes", "state_bytes", "summarize"]
+__all__ = ["MemoryEstimate", "StateBytes", "activation_bytes", "estimate_memory", "grad_bytes", "interleaved",
+           "param_bytes", "saved_activation_bytes", "state_bytes", "summarize"]

@@ -17,8 +17,9 @@ How it is computed, without allocating anything:
    (stage 1/2: the parameter group flattened and padded to a multiple of ``2 x world`` elements,
    stage 3: each parameter padded to a multiple of ``world``).  Shape-aware optimizers get one
    parameter per group under DeepSpeed, as ``launch/pretrain.py`` gives them;
-4. each tensor's state comes from the optimizer's rule (:mod:`optimlib.bench.state_rules`), and
-   activations from :mod:`optimlib.bench.activations`.
+4. each tensor's state is what the optimizer declares for it (:func:`optimlib.optim.state_spec.state_specs`:
+   every entry's elements on that rank, times its itemsize, summed by component), and activations
+   come from :mod:`optimlib.bench.activations`.
 
 Engines and what is divided by the world size (per rank):
 
@@ -52,11 +53,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from optimlib.bench.activations import activation_bytes
-from optimlib.bench.state_rules import OptimizerTensor, get_state_rule
 from optimlib.distributed.row_block import FlatSlice
 from optimlib.models import LlamaConfig, get_config
 from optimlib.models.llama import Llama
 from optimlib.optim import create_optimizer, get_optimizer_spec
+from optimlib.optim.state_spec import Placement, state_specs
 
 __all__ = ["MemoryEstimate", "estimate_memory", "ENGINES", "DTYPES"]
 
@@ -241,7 +242,6 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
         raise ValueError(f"invalid process_rank={process_rank!r}: accepted range is 0 .. world_size-1 "
                          f"({world_size - 1})")
     spec = get_optimizer_spec(optimizer)
-    rule = get_state_rule(spec.name)
     place = _Placement(engine, zero_stage, world_size)
     meta = _meta_model(cfg, pdtype, reparam, reparam_options)
     opt = _build_optimizer(meta, spec.name, place.partitioned and spec.shape_aware, optimizer_kwargs)
@@ -254,10 +254,11 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
     notes = []
     largest_grad = [0] * w
 
-    def add_state(k: int, parts: dict) -> None:
-        for key, value in parts.items():
-            breakdown[k][key] = breakdown[k].get(key, 0) + int(value)
-            states[k] += int(value)
+    def add_state(k: int, group: dict, place: Placement) -> None:
+        for entry in state_specs(opt, group, place):
+            nbytes = entry.local_bytes(opt_dtype)
+            breakdown[k][entry.component] = breakdown[k].get(entry.component, 0) + nbytes
+            states[k] += nbytes
 
     params = [p for p in meta.parameters() if p.requires_grad]
     for p in params:
@@ -276,13 +277,12 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
         if place.partitioned and w > 1 and len(members) > 1:
             numel = place.group_numel(members)
             for k in range(w):
-                add_state(k, rule(OptimizerTensor(None, None, numel, opt_dtype, False, resolved)))
+                add_state(k, resolved, Placement(None, None, numel))
                 master[k] += numel * 4
             continue
         for shape in members:
             for k, (piece, numel) in enumerate(place.pieces(shape)):
-                t = OptimizerTensor(shape, piece, numel, opt_dtype, engine == "fsdp2" and w > 1, resolved)
-                add_state(k, rule(t))
+                add_state(k, resolved, Placement(shape, piece, numel, engine == "fsdp2" and w > 1))
                 if place.partitioned:
                     master[k] += numel * 4
     buffers = sum(b.numel() * b.element_size() for b in meta.buffers())   # e.g. SLTrain's support: replicated

@@ -25,6 +25,6 @@ from optimlib.optim.smmf import SMMF  # noqa: E402  (registers "smmf")
 
 __all__ += ["AdamP", "SGDP", "SMMF"]
 
-from optimlib.optim.galore import GaLoreAdamW  # noqa: E402  (registers "galore_adamw")
+from optimlib.optim.galore import ApolloAdamW, COAPAdamW, FiraAdamW, GaLoreAdamW, QGaLoreAdamW  # noqa: E402
 
-__all__ += ["GaLoreAdamW"]
+__all__ += ["ApolloAdamW", "COAPAdamW", "FiraAdamW", "GaLoreAdamW", "QGaLoreAdamW"]

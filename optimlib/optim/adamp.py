@@ -42,6 +42,7 @@ from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels._dispatch import as_2d
 from optimlib.kernels.adamp import adamp_apply_, adamp_coefficients, adamp_stats_
 from optimlib.optim._common import OptimizerBase, ParamUnit, write_rows_
+from optimlib.optim.state_spec import Placement, StateSpec, elementwise, step_spec
 from optimlib.validation import check_betas, check_real
 
 __all__ = ["AdamP", "SGDP", "adamp", "adamp_param_", "sgdp", "scale_invariant_projection",
@@ -281,6 +282,12 @@ class AdamP(OptimizerBase):
 
     _validate_group = staticmethod(validate_adamp_group)
 
+    @classmethod
+    def state_specs(cls, group, place: Placement, state=None) -> list[StateSpec]:
+        """A 0-d float32 ``step``; ``exp_avg`` (m) and ``exp_avg_sq`` (v) like the parameter."""
+        return [step_spec(), elementwise("exp_avg", place, transform="linear"),
+                elementwise("exp_avg_sq", place, transform="square")]
+
     def _step_units(self, group: dict, units: list[ParamUnit]) -> None:
         lists: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "s", "shape", "piece")}
         for unit in units:
@@ -335,6 +342,13 @@ class SGDP(OptimizerBase):
         super().__init__(params, defaults)
 
     _validate_group = staticmethod(validate_sgdp_group)
+
+    @classmethod
+    def state_specs(cls, group, place: Placement, state=None) -> list[StateSpec]:
+        """A 0-d float32 ``step``; with ``momentum != 0`` the buffer ``momentum_buffer`` (b) like the parameter."""
+        if group["momentum"] == 0:
+            return [step_spec()]
+        return [step_spec(), elementwise("momentum_buffer", place, transform="linear", component="momentum")]
 
     def _step_units(self, group: dict, units: list[ParamUnit]) -> None:
         momentum = group["momentum"]

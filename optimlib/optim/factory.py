@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from optimlib.optim.state_spec import Placement, StateSpec, declare_state, elementwise, step_spec
 from optimlib.registry import Registry
 
 @dataclass(frozen=True)
@@ -275,4 +276,15 @@ def _build_adamw(groups, lr, **kwargs):
     return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
+def _adam_state(group, place: Placement, state=None) -> list[StateSpec]:
+    # torch.optim.Adam and AdamW: a 0-d float32 step, exp_avg and exp_avg_sq (max_exp_avg_sq with amsgrad)
+    # like the parameter.
+    specs = [step_spec(), elementwise("exp_avg", place, transform="linear"),
+             elementwise("exp_avg_sq", place, transform="square")]
+    if group.get("amsgrad"):
+        specs.append(elementwise("max_exp_avg_sq", place, transform="square"))
+    return specs
+
+
+declare_state(torch.optim.Adam, _adam_state)  # AdamW derives from Adam
 register_optimizer("adamw", _build_adamw, description="torch.optim.AdamW (the baseline)")

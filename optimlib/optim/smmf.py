@@ -62,6 +62,7 @@ import torch
 from optimlib.distributed.layout import is_dtensor, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock, isqrt, near_square
 from optimlib.optim._common import OptimizerBase, ParamUnit
+from optimlib.optim.state_spec import PER_RANK, REPLICATED, Placement, RankRows, StateSpec, elementwise, step_spec
 from optimlib.validation import check_choice, check_real
 from optimlib.kernels.smmf import smmf_decompress, smmf_factor_sums_, smmf_update_
 from optimlib.formats.bitpack import packed_numel
@@ -250,6 +251,26 @@ class SMMFLayout:
             else:  # column factors are identical on every rank: plain (replicated) tensors
                 state[key] = value
 
+    def state_specs(self, *, momentum: bool, dtensor: bool) -> list[StateSpec]:
+        """The declared factors (:mod:`optimlib.optim.state_spec`): float32 row factors and packed
+        sign bits of each rank's owned rows (``per_rank``: one slot per rank under FSDP2, ``dtensor``),
+        float32 column factors (``replicated``)."""
+        owned = tuple(e - s for s, e in self.block.owned_rows)
+        mine = self.block.num_rows
+
+        def rows(key: str, division: RankRows, dtype: torch.dtype, component: str) -> StateSpec:
+            local = division.slot_numel() if dtensor else division.numel(mine)
+            return StateSpec(key, (division.whole_numel(),), dtype, PER_RANK, local, component, rows=division)
+
+        def cols(key: str) -> StateSpec:
+            return StateSpec(key, (self.cols,), torch.float32, REPLICATED, self.cols, "factors")
+
+        specs = [rows("exp_avg_sq_row", RankRows(owned), torch.float32, "factors"), cols("exp_avg_sq_col")]
+        if momentum:
+            specs += [rows("exp_avg_row", RankRows(owned), torch.float32, "factors"), cols("exp_avg_col"),
+                      rows("exp_avg_sign", RankRows(owned, self.cols, packed=True), torch.uint8, "sign")]
+        return specs
+
     def factors(self, state: dict) -> dict[str, torch.Tensor]:
         """The plain local factor tensors in ``state`` (views: updates write through)."""
         R = self.block.num_rows
@@ -282,6 +303,22 @@ class SMMFLayout:
         rows = self.block.rows_many(flats)
         m_rows, v_rows = (None, rows[0]) if m is None else (rows[0], rows[1])
         smmf_compress_(m_rows, v_rows, self.block, **self.factors(state))
+
+
+def smmf_state_specs(place: Placement, *, momentum: bool, vector_reshape: bool = True) -> list[StateSpec]:
+    """The state :func:`smmf_param_` keeps for a parameter placed as ``place`` (its step counter
+    aside): the factors of :meth:`SMMFLayout.state_specs`, or full float32 moments for a 0-/1-D
+    parameter without ``vector_reshape``; nothing for an empty one."""
+    if place.shape is None:
+        raise ValueError("SMMF needs the parameter's shape (one parameter per param group under DeepSpeed)")
+    numel = math.prod(place.shape)
+    if numel == 0:
+        return []
+    if not (len(place.shape) >= 2 or vector_reshape):
+        second = elementwise("exp_avg_sq", place, transform="square", dtype=torch.float32)
+        return [elementwise("exp_avg", place, transform="linear", dtype=torch.float32), second] if momentum \
+            else [second]
+    return SMMFLayout(numel, place.piece).state_specs(momentum=momentum, dtensor=place.dtensor)
 
 
 def smmf_param_(local: torch.Tensor, grad: torch.Tensor, piece: FlatSlice, shape, state: dict, step: int,
@@ -407,6 +444,12 @@ class SMMF(OptimizerBase):
         super().__init__(params, defaults)
 
     _validate_group = staticmethod(validate_smmf_group)
+
+    @classmethod
+    def state_specs(cls, group, place: Placement, state=None) -> list[StateSpec]:
+        """A 0-d float32 ``step`` and :func:`smmf_state_specs` (:mod:`optimlib.optim.state_spec`)."""
+        specs = smmf_state_specs(place, momentum=group["beta"] is not None, vector_reshape=group["vector_reshape"])
+        return [step_spec(), *specs] if specs else []
 
     def _step_units(self, group: dict, units: list[ParamUnit]) -> None:
         for unit in units:

@@ -29,15 +29,15 @@ is pre-allocated at ``max_rank``), and so is the optimizer state: new ``Paramete
 replace the old ones in the module (where the module keeps them: registered, or hidden by a
 sharded engine, see :func:`optimlib.distributed.replicated.replace_parameter`) and in
 ``optimizer.param_groups`` (a graph still alive from an earlier forward keeps referring to the
-old ones, harmlessly), the state moves to them, and each state tensor of the parameter's shape
-is remapped with the change of basis: first moments
-(``exp_avg``, ``momentum_buffer``, ...) as gradients transform (``m_U ← m_U R_uᵀ P``,
-``m_S ← Pᵀ R_u⁻ᵀ m_S R_v⁻¹ Q``, exact before truncation), second moments (``exp_avg_sq``,
-``max_exp_avg_sq``, ``square_avg``, ``sum``) through the elementwise squares of the same maps (a
+old ones, harmlessly), the state moves to them, and each state entry the optimizer declares
+element-wise (:mod:`optimlib.optim.state_spec`) is remapped with the change of basis: entries
+that transform like the parameter (first moments, momentum) as gradients transform
+(``m_U ← m_U R_uᵀ P``, ``m_S ← Pᵀ R_u⁻ᵀ m_S R_v⁻¹ Q``, exact before truncation), entries that
+transform like its square (second moments) through the elementwise squares of the same maps (a
 diagonal approximation), new columns at zero; a param group's recorded ``shapes`` follow.  Memory
 at width ``k``: ``(d_out + d_in + k) k`` parameters (+ bias) and, for Adam, twice that in state.
-A state tensor of another shape (a factorized or projected optimizer state) cannot be remapped:
-that parameter's state is reset, with a warning.
+State that is not element-wise (a factorized or projected optimizer state), or the state of an
+optimizer that declares none, cannot be remapped: that parameter's state is reset, with a warning.
 
 **Resume**: the current rank, the step counter and the seed of the candidate directions are
 buffers (``current_rank``, ``steps``, ``seed``) in the state dict, and loading a state dict
@@ -66,12 +66,10 @@ from torch import nn
 
 from optimlib.distributed.layout import is_dtensor
 from optimlib.distributed.replicated import replace_parameter
+from optimlib.optim.state_spec import replace_param
 from optimlib.reparam import register_reparam
 from optimlib.validation import check_fraction, check_int
 from optimlib.reparam._lowrank import dense_linear, layer_generator
-
-SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
-"""Optimizer-state keys holding elementwise squares (remapped through squared maps)."""
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -299,29 +297,13 @@ class DynamicRankLinear(nn.Module):
 
 
 def _swap_in_optimizer(optimizer, old: nn.Parameter, new: nn.Parameter, linear_map, square_map) -> None:
-    """Put ``new`` where ``old`` was in ``optimizer.param_groups`` (and its recorded ``shapes``,
-    the optimizer factory's) and move ``old``'s state to it, remapping each state tensor of the
-    parameter's shape (see the module doc)."""
-    for group in optimizer.param_groups:
-        if "shapes" in group:
-            group["shapes"] = [tuple(new.shape) if q is old else s for q, s in zip(group["params"], group["shapes"])]
-        group["params"] = [new if q is old else q for q in group["params"]]
-    state = optimizer.state.pop(old, None)
-    if not state:
-        return
-    shape = tuple(old.shape)
-    odd = [key for key, value in state.items()
-           if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shape]
-    if odd:
-        warnings.warn(f"DynamicRankLinear: optimizer state {odd} does not have its parameter's shape {shape}, "
-                      f"so it cannot follow the rank change; that parameter's optimizer state is reset",
-                      RuntimeWarning, stacklevel=4)
-        return
-    for key, value in list(state.items()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            fn = square_map if key in SECOND_MOMENT_KEYS else linear_map
-            state[key] = fn(value.to(torch.float64)).to(dtype=value.dtype, device=value.device)
-    optimizer.state[new] = state
+    """Put ``new`` where ``old`` was in ``optimizer`` and remap its state by the optimizer's own
+    declarations (:func:`optimlib.optim.state_spec.replace_param`; see the module doc)."""
+    stuck = replace_param(optimizer, old, new, {"linear": linear_map, "square": square_map})
+    if stuck:
+        warnings.warn(f"DynamicRankLinear: optimizer state {stuck} is not declared element-wise by "
+                      f"{type(optimizer).__name__}, so it cannot follow the rank change; that parameter's optimizer "
+                      f"state is reset", RuntimeWarning, stacklevel=4)
 
 
 def _convert_dynamic_rank(linear: nn.Linear, rank: int = 32, **options) -> nn.Module:
@@ -331,4 +313,4 @@ def _convert_dynamic_rank(linear: nn.Linear, rank: int = 32, **options) -> nn.Mo
 register_reparam("dynamic_rank", _convert_dynamic_rank,
                  description="rank-adaptive U S Vᵀ layers: augment, train, truncate by tolerance (after DLRT)")
 
-__all__ = ["DynamicRankLinear", "SECOND_MOMENT_KEYS", "select_rank"]
+__all__ = ["DynamicRankLinear", "select_rank"]

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints for the three engines.
+"""Atomic, resumable checkpoints for the four engines.
 
 Layout: ``<out_dir>/checkpoints/step_00000100/`` holding the engine's files and a
 ``manifest.json`` written last.  A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed
@@ -16,8 +16,11 @@ LR-schedule position, because batches and the schedule are pure functions of the
 the RNG state.
 
 Engines: a checkpoint resumes natively (exactly) under the engine and world size that wrote it.
+The DDP engine's checkpoint is the single engine's files, written by rank 0 (every rank holds the
+same model and optimizer state), so single and DDP checkpoints resume under either, on any world
+size, exactly (:data:`FULL_STATE_ENGINES`).
 A single-process checkpoint also resumes under FSDP2 and an FSDP2 one under one process or
-another number of FSDP2 ranks: the manifest names the writer and :mod:`optimlib.train.convert`
+another number of FSDP2 ranks: the manifest names the writer and :mod:`optimlib.train.reshard`
 converts at load time (``python -m optimlib.train.convert SRC DST`` writes any of them as a
 single-engine checkpoint).  DeepSpeed checkpoints resume under DeepSpeed on the same world size;
 their files load with ``torch.load(weights_only=True)`` once :func:`deepspeed_safe_globals` are
@@ -45,11 +48,13 @@ from pathlib import Path
 
 import torch
 
-from optimlib.train import safe_load
+from optimlib.train import reshard, safe_load
 from optimlib.train.safe_load import (CheckpointError, CheckpointRefused,  # noqa: F401 (public names here)
                                       UnsafeCheckpointError, deepspeed_safe_globals)
 
 MANIFEST = "manifest.json"
+FULL_STATE_ENGINES = ("single", "ddp")
+"""Engines whose checkpoint is one ``state.pt`` of full tensors, the same for any world size."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 OTHER_CONFIG_KEY = "resume_other_config"
 
@@ -206,33 +211,32 @@ def load(engine, path: Path, *, trusted: bool = False) -> dict:
     Every file is checked first (:func:`check_files`) and read the safe way, unless ``trusted``
     (``resume_trusted``).  A checkpoint of the same engine on the same world size loads natively
     (exactly).  A single or FSDP2 checkpoint loads into the other of the two, or into FSDP2 on
-    another world size, through :mod:`optimlib.train.convert`."""
+    another world size, through :mod:`optimlib.train.reshard`."""
     path = Path(path)
     if not _manifest_ok(path):
         raise FileNotFoundError(f"'{path}' is not a complete optimlib checkpoint (missing or mismatched {MANIFEST})")
     manifest = read_manifest(path)
-    native = manifest["engine"] == engine.name and manifest["world_size"] == engine.world_size
+    same_files = manifest["engine"] in FULL_STATE_ENGINES and engine.name in FULL_STATE_ENGINES
+    native = (manifest["engine"] == engine.name
+              and (manifest["world_size"] == engine.world_size or engine.name in FULL_STATE_ENGINES))
     if not native:
         _check_convertible(engine, path, manifest)
     if not trusted:
         check_files(path, manifest)
-    if native:
+    if native or same_files:
         return _LOADERS[engine.name](engine, path, trusted)
-    from optimlib.train import convert
-
-    return convert.load_converted(engine, path, manifest, trusted=trusted)
+    return reshard.load_converted(engine, path, manifest, trusted=trusted)
 
 
 def _check_convertible(engine, path: Path, manifest: dict) -> None:
     """Raise ``ValueError`` unless the checkpoint at ``path`` converts into ``engine``."""
-    from optimlib.train import convert
-
-    if manifest["engine"] not in convert.CONVERTIBLE or engine.name not in convert.CONVERTIBLE:
+    same_files = manifest["engine"] in FULL_STATE_ENGINES and engine.name in FULL_STATE_ENGINES
+    if not same_files and (manifest["engine"] not in reshard.CONVERTIBLE or engine.name not in reshard.CONVERTIBLE):
         raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']} on "
                          f"{manifest['world_size']} rank(s); this run is engine={engine.name} on "
                          f"{engine.world_size} rank(s). Checkpoints convert between engines "
-                         f"{' and '.join(convert.CONVERTIBLE)} (any world size); DeepSpeed's resume only "
-                         f"under DeepSpeed on the same world size")
+                         f"{' and '.join(reshard.CONVERTIBLE)} (any world size), {' and '.join(FULL_STATE_ENGINES)} "
+                         f"load each other's; DeepSpeed's resume only under DeepSpeed on the same world size")
     if any(getattr(m, "replicated_parameters", ()) for m in engine.module.modules()):
         raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']} on "
                          f"{manifest['world_size']} rank(s); this run is engine={engine.name} on "
@@ -260,15 +264,22 @@ def write_single(final: Path, state: dict, run: dict | None = None) -> Path:
 
 
 def _save_single(engine, tmp: Path, meta: dict) -> None:
-    state = {"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(),
+    """One ``state.pt``, written by rank 0 (DDP: every rank holds the same state)."""
+    if engine.rank != 0:
+        return
+    state = {"model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
              "meta": meta, "rng": torch.get_rng_state()}
+    replicated = engine.replicated_state_dict()
+    if replicated is not None:  # DDP keeps them out of the module (engine.split_replicated)
+        state["replicated"] = replicated
     torch.save(state, tmp / "state.pt")
 
 
 def _load_single(engine, path: Path, trusted: bool) -> dict:
     state = safe_load.load_file(path / "state.pt", map_location=engine.device, trusted=trusted)
-    engine.model.load_state_dict(state["model"])
+    engine.module.load_state_dict(state["model"])
     engine.optimizer.load_state_dict(state["optimizer"])
+    engine.load_replicated_state_dict(state.get("replicated"))
     torch.set_rng_state(state["rng"].cpu())
     return state["meta"]
 
@@ -317,8 +328,8 @@ def _load_deepspeed(engine, path: Path, trusted: bool) -> dict:
     return client["optimlib_meta"]
 
 
-_SAVERS = {"single": _save_single, "fsdp2": _save_fsdp2, "deepspeed": _save_deepspeed}
-_LOADERS = {"single": _load_single, "fsdp2": _load_fsdp2, "deepspeed": _load_deepspeed}
+_SAVERS = {"single": _save_single, "ddp": _save_single, "fsdp2": _save_fsdp2, "deepspeed": _save_deepspeed}
+_LOADERS = {"single": _load_single, "ddp": _load_single, "fsdp2": _load_fsdp2, "deepspeed": _load_deepspeed}
 
 
 def resolve_resume(resume: str | None, root: Path) -> list[Path]:

@@ -14,6 +14,9 @@ forward/backward and one optimizer step on random tokens, and writes every rank'
   the per-parameter partitions of ZeRO-3; counted once per storage region by a step pre-hook);
 * ``state_bytes``: ``optimlib.optimizer_state_bytes`` of the client optimizer after its step.
 
+``--toy``: the toy optimizer of tests/toy_optimizer.py is registered for the run (name it among the
+``NAME`` s).
+
 ``--randomized-basis``: low-rank methods use ``projection="randomized", power_iters=0`` (a basis
 of the exact SVD's bytes at a fraction of its cost, as test_estimate.py does for 60M and 130M).
 """
@@ -24,6 +27,7 @@ import gc
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,6 +37,12 @@ from optimlib.distributed.teardown import exit_process, leave_process_group
 
 SEQ, MICRO = 16, 2
 CHEAP_BASIS = {"projection": "randomized", "power_iters": 0}
+OWN_BASES = {"coap_adamw", "q_galore_adamw"}   # exact bases only (the bytes do not depend on the basis)
+
+
+def cheap_basis(name: str, kwargs: dict) -> dict:
+    """``kwargs`` with a randomized basis in place of the exact SVD where ``name`` offers one."""
+    return {**kwargs, **CHEAP_BASIS} if "rank" in kwargs and name not in OWN_BASES else kwargs
 BUCKET = 10 ** 7     # elements; DeepSpeed's default reduce bucket (5e8 fp32 = 2 GB per rank) would not fit here
 
 
@@ -76,8 +86,8 @@ def measure(engine: str, model_name: str, name: str, randomized_basis: bool) -> 
     torch.manual_seed(0)
     model = build_model(model_name)
     kwargs = optimizer_kwargs(name, model_name)
-    if randomized_basis and "rank" in kwargs:
-        kwargs.update(CHEAP_BASIS)
+    if randomized_basis:
+        kwargs = cheap_basis(name, kwargs)
     x, y = batch(rank)
     out = {}
     if engine == "fsdp2":
@@ -150,6 +160,14 @@ if __name__ == "__main__":
         models = argv[i + 1].split(",")
         del argv[i:i + 2]
     cheap = "--randomized-basis" in argv
-    argv = [a for a in argv if a != "--randomized-basis"]
-    main(argv[0], argv[1], models, argv[2:], cheap)
+    toy = "--toy" in argv
+    argv = [a for a in argv if a not in ("--randomized-basis", "--toy")]
+    if toy:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import toy_optimizer
+
+        with toy_optimizer.registered():
+            main(argv[0], argv[1], models, argv[2:], cheap)
+    else:
+        main(argv[0], argv[1], models, argv[2:], cheap)
     exit_process(0)

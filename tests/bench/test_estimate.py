@@ -36,6 +36,8 @@ from optimlib.bench.contenders import optimizer_kwargs
 from optimlib.models import LlamaConfig, get_config
 from optimlib.models.llama import Llama
 
+from estimate_worker import cheap_basis
+
 TOL = 0.02
 OPTIMIZERS = list_optimizers()
 
@@ -47,8 +49,6 @@ def close(measured: int, estimated: int, tol: float = TOL) -> bool:
     return abs(estimated - measured) <= tol * max(measured, 1)
 
 
-# Cheap bases for the big models (same bytes as svd; see the module docstring).
-CHEAP_BASIS = {"projection": "randomized", "power_iters": 0}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,9 +61,7 @@ def one_thread():
 
 
 def _stepped_bytes(model: torch.nn.Module, name: str, settings: str) -> tuple[dict, dict]:
-    kwargs = optimizer_kwargs(name, settings)
-    if "rank" in kwargs:
-        kwargs.update(CHEAP_BASIS)
+    kwargs = cheap_basis(name, optimizer_kwargs(name, settings))    # same bytes as svd (module docstring)
     opt = create_optimizer(model, name, lr=1e-6, **kwargs)
     opt.step()
     measured = {"weights": param_bytes(model), "gradients": grad_bytes(model), "states": optimizer_state_bytes(opt)}
@@ -260,7 +258,7 @@ def test_activation_estimate_matches_saved_tensors(model_name):
 TABLE6 = {"llama_60m": (0.12, 0.23, 0.13, 128), "llama_130m": (0.25, 0.51, 0.28, 256),
           "llama_350m": (0.68, 1.37, 0.54, 256), "llama_1b": (2.60, 5.20, 1.78, 512)}
 # What the paper counted, worked out from its numbers (no single convention fits all 12 cells;
-# GaLore issue #67 asks for the formula and is unanswered):
+# the GaLore repository's tracker has the question open, without an answer):
 # * "G" is 1e9 bytes in the 60M and 1B rows and 2^30 bytes in the 130M and 350M rows (each row
 #   fits only its unit; e.g. 130M weights: 0.2498 GiB = 0.25 but 0.268 GB, 1B Adam states:
 #   5.36 GB = 5.20 + 3 % but 4.99 GiB = 5.20 - 4 %);

@@ -6,7 +6,7 @@ Cases and model: ``user_script_worker.py``.  The optimizer is built over ``model
 ``model.named_parameters()``, or the factory's decay/no-decay groups; DeepSpeed then hands it flat
 partitions spanning several parameters that start and end mid-row, which it maps back to rows.
 
-Tolerance: 2e-6 relative (max |diff| / max |param|, per tensor).  Observed: at most 6.2e-7 over
+Tolerance: 2e-6 relative (max |diff| / max |param|, per tensor).  Observed: at most 8.0e-7 over
 every case and engine; torch.optim.AdamW, the control, 3.1e-7.  Before the mapping existed the same
 scripts trained something else without a warning (SMMF under ZeRO-2: 7.7e-1).  Resuming a ZeRO-2
 or ZeRO-3 checkpoint (saved after 6 of 12 steps) gives the uninterrupted run's parameters exactly.
@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = Path(__file__).with_name("user_script_worker.py")
 RTOL = 2e-6
 CASES = ("adamw", "smmf", "adamp", "adamp_named", "adamp_per_param", "sgdp", "galore_adamw", "galore_adamp",
-         "galore_smmf", "galore_per_param", "smmf_factory", "galore_factory")
+         "galore_smmf", "galore_per_param", "smmf_factory", "galore_factory", "fira_adamw", "apollo_adamw",
+         "apollo_mini", "coap_adamw", "q_galore_adamw")
 single = single_run_fixture(WORKER)
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import optimlib
+from optimlib.optim.galore import ApolloAdamW, COAPAdamW, FiraAdamW
 from optimlib.optim.factory import optimizer_state_bytes
 from parity_common import full_params, main, per_rank, rank_slice
 
@@ -57,6 +58,14 @@ def _galore_per_param(model):
                                 lr=3e-3)
 
 
+def _member(cls, **kwargs):
+    """A GaLore-family optimizer over galore-torch's ``[rest, matrices]`` groups."""
+    def build(model):
+        rest, mats = _split(model)
+        return cls([{"params": rest}, {"params": mats, **GALORE_MATRIX}], lr=3e-3, **kwargs)
+    return build
+
+
 # name -> how the user builds the optimizer over the model
 CASES = {
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01),
@@ -73,6 +82,14 @@ CASES = {
     "smmf_factory": lambda m: optimlib.create_optimizer(m, "smmf", lr=3e-3, weight_decay=0.01),
     "galore_factory": lambda m: optimlib.create_optimizer(m, "galore_adamw", lr=3e-3, rank=4, update_proj_gap=4,
                                                           projection="random", target_modules=["0", "2", "4"]),
+    "fira_adamw": _member(FiraAdamW),
+    "apollo_adamw": _member(ApolloAdamW, weight_decay=0.01),
+    "apollo_mini": lambda m: optimlib.create_optimizer(m, "apollo_mini", lr=3e-3, update_proj_gap=4,
+                                                       target_modules=["0", "2", "4"]),
+    "coap_adamw": _member(COAPAdamW, reproject_factor=2),
+    "q_galore_adamw": lambda m: optimlib.create_optimizer(m, "q_galore_adamw", lr=3e-3, rank=4, update_proj_gap=2,
+                                                          proj_group_size=16, cos_threshold=-1.0, queue_size=1,
+                                                          target_modules=["0", "2", "4"]),
 }
 
 # DeepSpeed setups beside the plain fp32 one: name -> (engine, config changes, cases).  Under bf16

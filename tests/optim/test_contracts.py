@@ -25,10 +25,18 @@ import torch
 from torch import nn
 
 import optimlib
+import toy_optimizer
 from optimlib.optim import create_optimizer, get_optimizer_spec
 from optimlib.optim._common import OptimizerBase
 
-NAMES = optimlib.list_optimizers()
+# Every registered optimizer, and a toy written outside the library (registered while this module runs).
+NAMES = sorted([*optimlib.list_optimizers(), toy_optimizer.NAME])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_registered():
+    with toy_optimizer.registered():
+        yield
 MATRIX_OPTIONS = {"rank": 2, "update_proj_gap": 2}   # low-rank groups refresh inside every test run
 DATA = [torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(8)]
 

@@ -1,5 +1,5 @@
 """Optimizer steps built on the ``optimlib.kernels`` ops compile under ``torch.compile`` (CPU
-inductor) with no graph break from our code, and give the eager results (issue #7).
+inductor) with no graph break from our code, and give the eager results.
 
 * GaLore-AdamW: the whole ``optimizer.step()`` (projection, the fused Adam op on the low-rank
   moments, the fused back-projection + weight update, and the multi-tensor AdamW of the other

@@ -92,6 +92,32 @@ def test_svd_basis_is_torch_svd(shape):
     assert torch.equal(state["basis"], expect)
 
 
+@pytest.mark.parametrize("projection", ["svd", "randomized"])
+@pytest.mark.parametrize("proj_type", ["left", "right"])
+def test_stored_basis_holds_only_its_own_bytes(projection, proj_type):
+    """The stored basis owns a storage of exactly m r (left) or r n (right) elements: not a view
+    that keeps the whole decomposition (``U`` or ``Vh``) alive."""
+    m, n, r = 12, 40, 3
+    proj = projector(m, n, rank=r, projection=projection, proj_type=proj_type)
+    state = {"step": 0}
+    assert proj.refresh(state, torch.randn(m, n, dtype=torch.float64))
+    basis = state["basis"]
+    assert basis.shape == ((m, r) if proj_type == "left" else (r, n))
+    assert basis.untyped_storage().nbytes() == (m * r * 8 if proj_type == "left" else r * n * 8)
+
+
+def test_stored_basis_of_the_optimizer_holds_only_its_own_bytes():
+    """Through GaLoreAdamW's step (the left projection of a wide weight, the exact SVD)."""
+    from optimlib.optim.galore import GaLoreAdamW
+
+    w = torch.nn.Parameter(torch.randn(12, 40))
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "projection": "svd", "proj_type": "left"}])
+    w.grad = torch.randn(12, 40)
+    opt.step()
+    basis = opt.state[w]["basis"]
+    assert basis.shape == (12, 3) and basis.untyped_storage().nbytes() == 12 * 3 * basis.element_size()
+
+
 @pytest.mark.parametrize("projection", ["svd", "randomized", "dct", "random"])
 @pytest.mark.parametrize("shape", [(13, 8), (8, 13)])
 def test_full_rank_projection_round_trips(projection, shape):

@@ -1,4 +1,4 @@
-"""Issue #9: AdamP, SGDP, SMMF and GaLoreAdamW (every inner rule, and the factory names) reject
+"""AdamP, SGDP, SMMF and GaLoreAdamW (every inner rule, and the factory names) reject
 bad hyper-parameters at construction -- ``ValueError`` for a value out of range (negative,
 non-finite, unknown name), ``TypeError`` for a non-number -- with a message that names the
 argument and the accepted range.  Boundary values stay accepted."""
@@ -14,6 +14,7 @@ from torch import nn
 import optimlib
 from optimlib import GaLoreAdamW
 from optimlib.optim import create_optimizer
+from optimlib.optim.factory import matrix_optimizers
 
 INF, NAN = math.inf, math.nan
 
@@ -150,7 +151,7 @@ def _where(opt, p):
 def _shape_case(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
-    kw = {"target_modules": ["0", "1"], "rank": 2} if name.startswith("galore") else {}
+    kw = {"target_modules": ["0", "1"], "rank": 2} if name in matrix_optimizers() else {}
     opt = create_optimizer(model, name, lr=1e-3, **kw)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
@@ -162,12 +163,14 @@ def _shape_case(name):
 
 
 def test_every_registered_optimizer_but_torchs_own_is_covered():
-    assert set(OURS) == {"adamp", "sgdp", "smmf", "galore_adamw", "galore_adamp", "galore_smmf"}
+    assert set(OURS) == {"adamp", "sgdp", "smmf", "galore_adamw", "galore_adamp", "galore_smmf", "fira_adamw",
+                         "apollo_adamw", "apollo_mini", "coap_adamw",
+                         "q_galore_adamw"}
 
 
 @pytest.mark.parametrize("name", OURS)
 def test_parameter_that_changed_shape_is_a_clear_error(name):
-    """Issue #9: a parameter whose shape no longer matches its state raises ValueError naming the
+    """A parameter whose shape no longer matches its state raises ValueError naming the
     group and parameter index, both shapes and the remedy -- before any state is touched."""
     model, opt, weight = _shape_case(name)
     gi, i = _where(opt, weight)

@@ -4,6 +4,7 @@ The end-to-end conversions (train under one engine, resume under the other, comp
 uninterrupted one-process run) are in tests/distributed/test_checkpoint_engines.py.
 """
 
+import copy
 import json
 
 import pytest
@@ -11,45 +12,79 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optimlib.optim import create_optimizer
-from optimlib.optim.smmf import SMMFLayout
 from optimlib.distributed.row_block import FlatSlice
-from optimlib.train import checkpoint, convert
+from optimlib.formats.bitpack import pack_bits, unpack_bits
+from optimlib.optim import SMMF, GaLoreAdamW, create_optimizer
+from optimlib.optim.smmf import SMMFLayout
+from optimlib.optim.state_spec import PER_RANK, Placement, state_specs
+from optimlib.train import checkpoint, reshard
+
+
+def _per_rank(specs):
+    return {s.key: s for s in specs if s.layout == PER_RANK}
 
 
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 40), world=st.integers(1, 5), seed=st.integers(0, 2 ** 16))
 def test_smmf_slots_hold_each_ranks_owned_rows(rows, cols, world, seed):
-    """Whole factors -> FSDP2 slots -> whole factors is exact, and slot k holds what rank k's
-    SMMFLayout owns: its rows' factors and the sign bits of those rows."""
+    """SMMF's declared per-rank entries: whole -> FSDP2 slots -> whole is exact, and slot k holds
+    what rank k's SMMFLayout owns: its rows' factors and the sign bits of those rows."""
     shape = (rows, cols)
-    owned, mcols = convert._smmf_owned_rows(shape, {}, {}, world)
+    group = {"beta": 0.9, "vector_reshape": True}
+    specs = _per_rank(SMMF.state_specs(group, Placement.fsdp2(shape, world)))
+    row_spec, sign_spec = specs["exp_avg_row"], specs["exp_avg_sign"]
+    owned, mcols = row_spec.rows.owned, sign_spec.rows.width
     layout = SMMFLayout(rows * cols, FlatSlice.whole(rows * cols))
     assert sum(owned) == layout.block.num_rows and mcols == layout.cols
+    for k in range(world):   # rank k's own layout owns the rows its slot holds
+        assert SMMFLayout(rows * cols, Placement.fsdp2(shape, world, k).piece).block.num_rows == owned[k]
     g = torch.Generator().manual_seed(seed)
     row = torch.rand(sum(owned), generator=g)
     bits = torch.rand(sum(owned) * mcols, generator=g) > 0.5
-    sign = convert.pack_bits(bits)
-    row_slots = convert._slot(row, "exp_avg_row", owned, mcols)
-    sign_slots = convert._slot(sign, "exp_avg_sign", owned, mcols)
+    sign = pack_bits(bits)
+    row_slots, sign_slots = row_spec.rows.scatter(row), sign_spec.rows.scatter(sign)
     assert row_slots.shape[0] == sign_slots.shape[0] == world
-    assert torch.equal(convert._unslot(row_slots, "exp_avg_row", owned, mcols), row)
-    assert torch.equal(convert._unslot(sign_slots, "exp_avg_sign", owned, mcols), sign)
+    assert torch.equal(row_spec.rows.gather(row_slots), row)
+    assert torch.equal(sign_spec.rows.gather(sign_slots), sign)
     start = 0
     for k, n in enumerate(owned):
         assert torch.equal(row_slots[k, :n], row[start:start + n])
-        assert torch.equal(convert.unpack_bits(sign_slots[k], n * mcols), bits[start * mcols:(start + n) * mcols])
+        assert torch.equal(unpack_bits(sign_slots[k], n * mcols), bits[start * mcols:(start + n) * mcols])
         start += n
 
 
 def test_lowrank_moments_are_split_along_the_kept_dimension():
-    """GaLore's (kept, r) low-rank moments: kept = m for a right projection, n for a left one."""
-    group = {"rank": 4, "proj_type": "std"}
-    right, _ = convert._smmf_owned_rows((96, 32), group, {"rank": 4}, 2)   # m >= n: right, (96, 4)
-    left, _ = convert._smmf_owned_rows((32, 96), group, {"rank": 4}, 2)    # m < n: left, (96, 4) too
+    """GaLore-SMMF's (kept, r) low-rank moments: kept = m for a right projection, n for a left one."""
+    opt = GaLoreAdamW([{"params": [torch.zeros(96, 32), torch.zeros(32, 96)], "rank": 4}], inner="smmf")
+    group = opt.param_groups[0]
+    right = _per_rank(state_specs(opt, group, Placement.fsdp2((96, 32), 2), {"rank": 4}))["exp_avg_row"]
+    left = _per_rank(state_specs(opt, group, Placement.fsdp2((32, 96), 2), {"rank": 4}))["exp_avg_row"]
     whole = SMMFLayout(96 * 4, FlatSlice.whole(96 * 4)).block.num_rows
-    assert sum(right) == sum(left) == whole
-    assert len(right) == 2 and right == left
+    assert sum(right.rows.owned) == sum(left.rows.owned) == whole
+    assert len(right.rows.owned) == 2 and right.rows == left.rows
+
+
+@pytest.mark.parametrize("name", ["smmf", "galore_smmf"])
+def test_per_rank_state_goes_to_slots_and_back(name):
+    """A one-process state dict, its declared per-rank entries cut into 3 ranks' slots and gathered
+    back: the same tensors; the other entries untouched."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.Linear(11, 7))
+    extra = {"rank": 3, "target_modules": "all-linear"} if name.startswith("galore") else {}
+    opt = create_optimizer(model, name, lr=1e-2, **extra)
+    model(torch.randn(5, 13)).sum().backward()
+    opt.step()
+    names = reshard.optimizer_param_names(model, opt)
+    whole = reshard.keyed(opt.state_dict(), names, by_name=True)
+    work = copy.deepcopy(whole)
+    reshard._convert_per_rank(opt, work, 3, to_slots=True)
+    changed = {(n, k) for n, st_ in work["state"].items() for k, v in st_.items()
+               if isinstance(v, torch.Tensor) and v.shape != whole["state"][n][k].shape}
+    assert changed and all(work["state"][n][k].shape[0] == 3 for n, k in changed)
+    reshard._convert_per_rank(opt, work, 3, to_slots=False)
+    for n, st_ in whole["state"].items():
+        for k, v in st_.items():
+            assert torch.equal(torch.as_tensor(work["state"][n][k]), torch.as_tensor(v)), (n, k)
 
 
 def test_optimizer_state_is_keyed_by_name_and_back():
@@ -57,16 +92,16 @@ def test_optimizer_state_is_keyed_by_name_and_back():
     opt = create_optimizer(model, "adamp", lr=1e-2)
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
-    names = convert.optimizer_param_names(model, opt)
+    names = reshard.optimizer_param_names(model, opt)
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     sd = opt.state_dict()
-    by_name = convert._keyed(sd, names, by_name=True)
+    by_name = reshard.keyed(sd, names, by_name=True)
     assert set(by_name["state"]) == set(names)
-    back = convert._keyed(by_name, names, by_name=False)
+    back = reshard.keyed(by_name, names, by_name=False)
     assert back["state"].keys() == sd["state"].keys()
     assert [g["params"] for g in back["param_groups"]] == [g["params"] for g in sd["param_groups"]]
     with pytest.raises(ValueError, match="not the same model or optimizer"):
-        convert._keyed(sd, names[::-1], by_name=True)
+        reshard.keyed(sd, names[::-1], by_name=True)
 
 
 def test_deepspeed_checkpoint_under_another_engine_is_a_clear_error(tmp_path):

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import optimlib
+import toy_optimizer
 from optimlib.optim import get_optimizer_spec
 
 SHAPES = st.one_of(
@@ -26,6 +27,13 @@ SHAPES = st.one_of(
 )
 LAYOUTS = st.sampled_from(["contiguous", "transposed", "channels_last"])
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_registered():
+    """A toy optimizer written outside the library, registered while this module runs."""
+    with toy_optimizer.registered():
+        yield
 
 
 def _parameter(shape, layout, dtype, seed):
@@ -63,7 +71,7 @@ def _run(opt, p, grads):
         opt.step()
 
 
-@pytest.mark.parametrize("name", optimlib.list_optimizers())
+@pytest.mark.parametrize("name", sorted([*optimlib.list_optimizers(), toy_optimizer.NAME]))
 @SETTINGS
 @given(shape=SHAPES, layout=LAYOUTS, bf16=st.booleans(), lr=st.floats(1e-5, 1e-1), wd=st.floats(0, 0.1),
        rank=st.integers(1, 4), seed=st.integers(0, 2 ** 16))

@@ -64,7 +64,7 @@ restarts SMMF's schedules (``b2_1 = 0``: the next ``V`` is the squared projected
 With the identity as basis and ``scale=1`` the projected space is the full space and
 ``inner="adamp"`` / ``"smmf"`` reduce to AdamP / SMMF bit for bit (tests/optim/test_galore_inner.py).
 
-Kernels (issue #7): the step runs on the custom ops of :mod:`optimlib.kernels` -- the Adam moment
+Kernels: the step runs on the custom ops of :mod:`optimlib.kernels` -- the Adam moment
 update on the projected gradient (``adam_lowrank_update_``; ``adam8bit_lowrank_update_`` for 8-bit
 moments), SMMF's step (``smmf_update_``) and the back-projection fused with the weight update and
 decay (``galore_backproject_update_``; AdamP's rule projects the back-projected update first, so it
@@ -123,7 +123,11 @@ gradient-accumulation window, one LR clock): ``optimizer.layerwise()``
 
 The package: :mod:`~optimlib.optim.galore.bases` (basis math), :mod:`~optimlib.optim.galore.projection`
 (the projector), :mod:`~optimlib.optim.galore.moments` (moment stores), :mod:`~optimlib.optim.galore.rules`
-(inner rules, the projected step) and :mod:`~optimlib.optim.galore.optimizer` (the class).
+(inner rules, the projected step) and :mod:`~optimlib.optim.galore.optimizer` (the class).  GaLore's
+successors, each a :class:`~optimlib.optim.galore.family.GaLoreMember` with its own rule or projector:
+:mod:`~optimlib.optim.galore.fira` (``fira_adamw``), :mod:`~optimlib.optim.galore.apollo`
+(``apollo_adamw``, ``apollo_mini``), :mod:`~optimlib.optim.galore.coap` (``coap_adamw``) and
+:mod:`~optimlib.optim.galore.q_galore` (``q_galore_adamw``).
 
 State (per parameter; tensors and plain ints only, so ``torch.load(weights_only=True)`` reads a
 checkpoint): ``step``, ``moment_step``, ``seed``, ``rank``, ``refreshes``, the basis (``basis``,
@@ -141,3 +145,10 @@ from optimlib.optim.galore.rules import INNER_RULES, InnerRule, galore_adamw_den
 
 __all__ = ["GaLoreAdamW", "LOWRANK_KEYS", "is_lowrank_group", "ProjectionConfig", "Projector", "INNER_RULES",
            "InnerRule", "galore_adamw_dense_", "galore_lowrank_"]
+
+from optimlib.optim.galore.apollo import ApolloAdamW  # noqa: E402  (registers "apollo_adamw", "apollo_mini")
+from optimlib.optim.galore.coap import COAPAdamW  # noqa: E402  (registers "coap_adamw")
+from optimlib.optim.galore.fira import FiraAdamW  # noqa: E402  (registers "fira_adamw")
+from optimlib.optim.galore.q_galore import QGaLoreAdamW  # noqa: E402  (registers "q_galore_adamw")
+
+__all__ += ["ApolloAdamW", "COAPAdamW", "FiraAdamW", "QGaLoreAdamW"]

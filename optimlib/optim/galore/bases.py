@@ -29,6 +29,9 @@ Bases (``projection``):
 ``random``
     a seeded random orthonormal basis (QR of a Gaussian matrix drawn on the CPU from a
     ``torch.Generator``): only the seed is stored, and it is identical on every rank and device.
+``gaussian``
+    a seeded Gaussian matrix with ``N(0, 1/r)`` entries (APOLLO's random projection): not
+    orthonormal, only its seed is stored, identical on every rank.
 ``auto``
     ``svd`` when ``min(m, n) < 2048`` else ``randomized``.
 """
@@ -47,7 +50,7 @@ from optimlib.distributed.row_block import RowBlock
 __all__ = ["PROJECTIONS", "PROJ_TYPES", "AUTO_SVD_LIMIT", "matrix_shape", "resolve_side", "dct_basis", "dct",
            "random_orthogonal", "choose_rank", "mix_seed", "name_seed", "canonicalize_signs", "gaussian"]
 
-PROJECTIONS = ("auto", "svd", "randomized", "dct", "random")
+PROJECTIONS = ("auto", "svd", "randomized", "dct", "random", "gaussian")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 AUTO_SVD_LIMIT = 2048
 

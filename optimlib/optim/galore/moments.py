@@ -17,6 +17,7 @@ from optimlib.formats.quantize import dequantize_blockwise, hash_uniform, quanti
 from optimlib.kernels.adam import adam8bit_lowrank_update_, adam_lowrank_update_
 from optimlib.optim.galore.projection import Projector
 from optimlib.optim.smmf import SMMFLayout
+from optimlib.optim.state_spec import SHARDED, StateSpec
 
 __all__ = ["LowRankMoments", "SMMFMoments", "carry_moments"]
 
@@ -39,6 +40,23 @@ class LowRankMoments:
     @property
     def quantized(self) -> bool:
         return self.kind == "int8"
+
+    @staticmethod
+    def state_specs(group: dict, projector: Projector, rank: int) -> list[StateSpec]:
+        """The declared moments of rank ``rank`` (:mod:`optimlib.optim.state_spec`), sharded on the
+        kept dimension: ``exp_avg``/``exp_avg_sq`` in the projector's layout (``moments_dtype``, else
+        the gradient's), or 8-bit ``*_codes`` ``(kept, r)`` and float32 ``*_absmax`` ``(kept, blocks)``."""
+        kind, kept, local = group["moments_dtype"], projector.kept_size, projector.local_kept
+        if kind == "int8":
+            blocks = -(-rank // int(group["quant_block"]))
+            return [StateSpec(f"{name}_{part}", (kept, width), dtype, SHARDED, local * width, component)
+                    for name in ("exp_avg", "exp_avg_sq")
+                    for part, width, dtype, component in (("codes", rank, torch.uint8, "moments"),
+                                                          ("absmax", blocks, torch.float32, "absmax"))]
+        dtype = None if kind is None else getattr(torch, kind)
+        shape = (kept, rank) if projector.side == "right" else (rank, kept)
+        return [StateSpec(name, shape, dtype, SHARDED, local * rank, "moments", dim=projector.kept_dim)
+                for name in ("exp_avg", "exp_avg_sq")]
 
     def exists(self) -> bool:
         return ("exp_avg" in self.state) or ("exp_avg_codes" in self.state)
@@ -149,12 +167,21 @@ class SMMFMoments:
     def exists(self) -> bool:
         return "exp_avg_sq_row" in self.state
 
-    def layout(self, rank: int) -> SMMFLayout:
-        p = self.proj
-        numel = p.kept_size * rank
-        piece = FlatSlice(numel, tuple((a * rank, b * rank) for a, b in p.kept_bounds), p.block.piece.rank,
-                          p.block.group)
+    @staticmethod
+    def moments_layout(projector: Projector, rank: int) -> SMMFLayout:
+        """SMMF's layout of the flattened ``(kept, rank)`` moments, this rank holding its kept rows."""
+        numel = projector.kept_size * rank
+        piece = FlatSlice(numel, tuple((a * rank, b * rank) for a, b in projector.kept_bounds),
+                          projector.block.piece.rank, projector.block.group)
         return SMMFLayout(numel, piece)
+
+    @classmethod
+    def state_specs(cls, projector: Projector, rank: int, dtensor: bool) -> list[StateSpec]:
+        """The declared factors of the moments of rank ``rank`` (:meth:`SMMFLayout.state_specs`)."""
+        return cls.moments_layout(projector, rank).state_specs(momentum=True, dtensor=dtensor)
+
+    def layout(self, rank: int) -> SMMFLayout:
+        return self.moments_layout(self.proj, rank)
 
     def _flat(self, low: torch.Tensor) -> torch.Tensor:
         return low.reshape(-1) if self.proj.side == "right" else low.t().reshape(-1)

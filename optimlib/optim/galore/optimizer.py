@@ -15,6 +15,7 @@ from optimlib.optim.galore.bases import matrix_shape, name_seed
 from optimlib.optim.galore.projection import ProjectionConfig, Projector
 from optimlib.optim.galore.rules import INNER_RULES, DenseBatch, galore_lowrank_
 from optimlib.optim.smmf import validate_smmf_hyperparameters
+from optimlib.optim.state_spec import Placement, StateSpec
 
 __all__ = ["GaLoreAdamW", "LOWRANK_KEYS", "is_lowrank_group"]
 
@@ -51,7 +52,7 @@ class GaLoreAdamW(OptimizerBase):
             galore-torch's AdamW arguments and defaults (eps 1e-6).
         update_proj_gap (int >= 1), scale (> 0), proj_type (std, reverse_std, left, right):
             defaults for low-rank groups (galore-torch / Hugging Face defaults 200, 0.25, std).
-        projection: auto, svd, randomized, dct, random.  on_refresh: keep, rotate, reset.
+        projection: auto, svd, randomized, dct, random, gaussian.  on_refresh: keep, rotate, reset.
         stagger: offset each low-rank parameter's refresh schedule (golden-ratio spacing in
             ``[0, update_proj_gap)``) so that refreshes are spread over the gap.
         energy (None or in (0, 1]), min_rank, max_rank: adaptive rank (also ``rank="auto"``,
@@ -121,6 +122,7 @@ class GaLoreAdamW(OptimizerBase):
         check_real("eps", group["eps"], low=0.0)
         check_real("weight_decay", group["weight_decay"], low=0.0)
         check_choice("inner", group["inner"], INNER_RULES)
+        INNER_RULES[group["inner"]].validate(group)
         check_real("delta", group["delta"], low=0.0)
         check_real("wd_ratio", group["wd_ratio"], low=0.0, high=1.0)
         validate_smmf_hyperparameters(decay_rate=group["decay_rate"], growth_rate=group["growth_rate"])
@@ -162,6 +164,8 @@ class GaLoreAdamW(OptimizerBase):
             fail("refresh_offsets", offsets, "one integer >= 0 per parameter")
 
     # ------------------------------------------------------------------ step
+    #: how a projected parameter's basis is computed and stored, and its options (family members refine them)
+    projector_class, config_class = Projector, ProjectionConfig
     _CONFIG_FIELDS = tuple(ProjectionConfig.__dataclass_fields__)
 
     def _config(self, group: dict) -> ProjectionConfig:
@@ -170,9 +174,25 @@ class GaLoreAdamW(OptimizerBase):
         cache = self.__dict__.setdefault("_config_cache", {})
         hit = cache.get(id(group))
         if hit is None or hit[0] != key:
-            hit = (key, ProjectionConfig.from_group(group))
+            hit = (key, self.config_class.from_group(group))
             cache[id(group)] = hit
         return hit[1]
+
+    @classmethod
+    def state_specs(cls, group, place: Placement, state=None) -> list[StateSpec]:
+        """The declared state of one parameter (:mod:`optimlib.optim.state_spec`): a projected one's
+        low-rank moments (its inner rule's store) and basis, at its current rank (``state``) or the
+        rank cap; any other the inner rule's own state.  Python-int entries (``step``, ``seed``,
+        ``rank``, ...) are not tensors and are not declared."""
+        rule = INNER_RULES[group["inner"]]
+        shape = place.shape
+        if not (is_lowrank_group(group) and shape is not None and len(shape) >= 2 and math.prod(shape) > 0):
+            return rule.dense_specs(group, place)
+        projector = cls.projector_class(cls.config_class.from_group(group), RowBlock(matrix_shape(shape), place.piece))
+        rank = int(state["rank"]) if state and "rank" in state else projector.max_rank
+        bd = group["basis_dtype"]
+        return [*rule.lowrank_specs(group, projector, rank, place),
+                *projector.basis_specs(rank, getattr(torch, bd) if bd else None)]
 
     def _step_units(self, group: dict, units: list[ParamUnit]) -> None:
         """Projected parameters take :func:`galore_lowrank_`; the others the inner rule's own step
@@ -188,8 +208,9 @@ class GaLoreAdamW(OptimizerBase):
                 p = unit.param
                 offsets = group.get("refresh_offsets")
                 mesh = p.device_mesh if is_dtensor(p) and p.device_mesh.ndim == 1 else None
-                projector = Projector(self._config(group), RowBlock(matrix_shape(unit.shape), unit.piece),
-                                      offset=offsets[unit.index] if offsets else 0, name=unit.name, mesh=mesh)
+                projector = self.projector_class(self._config(group), RowBlock(matrix_shape(unit.shape), unit.piece),
+                                                 offset=offsets[unit.index] if offsets else 0, name=unit.name,
+                                                 mesh=mesh)
                 bd = group["basis_dtype"]
                 galore_lowrank_(unit, projector, rule, group, basis_dtype=getattr(torch, bd) if bd else None)
             else:  # 0-/1-D or empty parameters, groups without ``rank``

@@ -24,7 +24,7 @@ share ``K`` of it, its rows (right: ``(K, r)``) or a ``torch.chunk`` block of th
 Element-wise state in that layout is sharded like the parameter, and the same code runs on one
 process, FSDP2 and DeepSpeed.
 
-Bases (``projection``: svd, randomized, dct, random, auto): :mod:`optimlib.optim.galore.bases`.
+Bases (``projection``: svd, randomized, dct, random, gaussian, auto): :mod:`optimlib.optim.galore.bases`.
 
 Adaptive rank (``rank="auto"`` or ``energy`` set): at each refresh the rank is the smallest
 ``r`` whose leading singular values (DCT: sorted coefficient energies) hold a fraction ``energy``
@@ -37,7 +37,7 @@ taken on reduced/gathered data, so every rank takes the same branch.
 State (all tensors or plain ints, in the caller's per-parameter ``state`` dict): ``rank``,
 ``refreshes``, ``seed``, and ``basis`` (svd/randomized: ``(r, n)`` right -- replicated -- or this
 rank's ``(R, r)`` rows of the ``(m, r)`` left basis), ``indices`` (dct, int32) or ``basis_seed``
-(random).  ``torch.load(weights_only=True)`` reads it.
+(random, gaussian).  ``torch.load(weights_only=True)`` reads it.
 
 Collectives (several ranks): every rank of the block must call :meth:`Projector.refresh`,
 :meth:`Projector.down` and :meth:`Projector.up` for the same parameters in the same order.
@@ -49,6 +49,7 @@ all-gathers a full gradient except ``svd`` (and left ``dct``) refreshes.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ import torch.distributed as dist
 
 from optimlib.distributed.layout import to_local
 from optimlib.distributed.row_block import RowBlock, chunk_bounds
+from optimlib.optim.state_spec import REPLICATED, SHARDED, StateSpec
 from optimlib.optim.galore.bases import (AUTO_SVD_LIMIT, PROJ_TYPES, PROJECTIONS, canonicalize_signs, choose_rank,
                                          dct, dct_basis, gaussian, mix_seed, random_orthogonal, resolve_side)
 
@@ -126,7 +128,7 @@ class ProjectionConfig:
             bad("canonical_signs", self.canonical_signs, "True or False")
         if not isinstance(self.shard_basis, bool):
             bad("shard_basis", self.shard_basis, "True or False")
-        if self.adaptive and self.projection == "random":
+        if self.adaptive and self.projection in ("random", "gaussian"):
             bad("projection", self.projection, "svd, randomized, dct or auto with an adaptive rank "
                 "(rank='auto' or energy=...): a random basis has no spectrum to choose the rank from")
         return self
@@ -196,6 +198,22 @@ class Projector:
         """Shape of this rank's low-rank tensors for rank ``rank``."""
         return (self.local_kept, rank) if self.side == "right" else (rank, self.local_kept)
 
+    def basis_specs(self, rank: int, dtype: torch.dtype | None = None) -> list[StateSpec]:
+        """The declared basis of rank ``rank`` (:mod:`optimlib.optim.state_spec`; ``dtype``: the
+        ``basis_dtype``, ``None`` for the gradient's): a left ``(m, r)`` matrix sharded by rows, a
+        right ``(r, n)`` one sharded by columns (``shard_basis``) or whole; ``rank`` int32 DCT
+        indices; nothing for a seeded basis."""
+        if self.kind == "dct":
+            return [StateSpec("indices", (rank,), torch.int32, REPLICATED, rank, "basis")]
+        if self.kind not in ("svd", "randomized"):
+            return []
+        if self.side == "left":
+            return [StateSpec("basis", (self.m, rank), dtype, SHARDED, self.block.num_rows * rank, "basis", dim=0)]
+        if self.shard_right:
+            a, b = self.basis_cols[self.block.piece.rank]
+            return [StateSpec("basis", (rank, self.n), dtype, SHARDED, rank * (b - a), "basis", dim=1)]
+        return [StateSpec("basis", (rank, self.n), dtype, REPLICATED, rank * self.n, "basis")]
+
     def transform(self, low: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
         """Express a low-rank tensor of the old basis in the new one (``overlap`` from :meth:`overlap`)."""
         return low @ overlap if self.side == "right" else overlap.t() @ low
@@ -243,7 +261,9 @@ class Projector:
             key = ("random", int(state["basis_seed"]), r)
             p = self._derived.get(key)
             if p is None:
-                q = random_orthogonal(self.basis_dim, r, state["basis_seed"])   # (d, r)
+                seed = int(state["basis_seed"])
+                q = (gaussian(self.basis_dim, r, seed) / math.sqrt(r) if self.kind == "gaussian"
+                     else random_orthogonal(self.basis_dim, r, seed))           # (d, r)
                 p = q.t() if self.side == "right" else q[self.block.row_start:self.block.row_end]
                 self._derived[key] = p
         else:  # pragma: no cover - guarded by has_basis
@@ -331,14 +351,7 @@ class Projector:
         reason = None
         new: dict | None = None
         try:
-            if self.kind == "svd":
-                new, reason = self._refresh_svd(grad_rows, dtype)
-            elif self.kind == "randomized":
-                new, reason = self._refresh_randomized(grad_rows, dtype, seed)
-            elif self.kind == "dct":
-                new, reason = self._refresh_dct(grad_rows)
-            else:
-                new = {"rank": self.max_rank, "basis_seed": seed}
+            new, reason = self.compute(state, grad_rows, dtype, seed)
         except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
             new, reason = None, f"the decomposition failed ({type(err).__name__}: {err})"
         if new is None:
@@ -360,6 +373,33 @@ class Projector:
         state.update(new)
         return True
 
+    def compute(self, state: dict, grad_rows: torch.Tensor, dtype, seed: int) -> tuple[dict | None, str | None]:
+        """The new basis entries (``rank`` and ``basis``/``indices``/``basis_seed``, a right basis
+        whole, a left one as this rank's rows), or ``None`` and the reason to keep the old one."""
+        if self.kind == "svd":
+            return self._refresh_svd(grad_rows, dtype)
+        if self.kind == "randomized":
+            return self._refresh_randomized(grad_rows, dtype, seed)
+        if self.kind == "dct":
+            return self._refresh_dct(grad_rows)
+        return {"rank": self.max_rank, "basis_seed": seed}, None
+
+    def tsqr(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """QR of the row-sharded ``(M, k)`` matrix whose rows here are ``b`` (``(R, k)``): this
+        rank's rows of ``Q`` and the ``(k, k)`` ``R``, the same on every rank (a local QR, then
+        the QR of the stacked triangles: one all-gather of a ``k x k`` triangle per rank)."""
+        block, k = self.block, b.shape[1]
+        q_loc, r_loc = torch.linalg.qr(b)                          # (R, min(R,k)), (min(R,k), k)
+        if r_loc.shape[0] < k:
+            r_loc = torch.cat([r_loc, r_loc.new_zeros(k - r_loc.shape[0], k)])
+            q_loc = torch.cat([q_loc, q_loc.new_zeros(q_loc.shape[0], k - q_loc.shape[1])], dim=1)
+        if not block.distributed:
+            return q_loc, r_loc
+        parts = [torch.empty_like(r_loc) for _ in range(block.world_size)]
+        dist.all_gather(parts, r_loc.contiguous(), group=block.group)
+        q_s, r_s = torch.linalg.qr(torch.cat(parts))                # (W k, k), (k, k)
+        return q_loc @ q_s[block.piece.rank * k:(block.piece.rank + 1) * k], r_s
+
     def _as_dtensor(self, local: torch.Tensor):
         """This rank's rows of the ``(m, r)`` left basis (``Shard(0)``) or columns of the ``(r, n)``
         right basis (``Shard(1)``) as a DTensor on ``mesh`` (FSDP2), so that
@@ -377,7 +417,7 @@ class Projector:
         r = self.max_rank
         if self.kind == "dct":
             return {"rank": r, "indices": torch.arange(r, dtype=torch.int32, device=device)}
-        if self.kind == "random":
+        if self.kind in ("random", "gaussian"):
             return {"rank": r, "basis_seed": seed}
         q = random_orthogonal(self.basis_dim, r, seed)
         p = q.t() if self.side == "right" else q[self.block.row_start:self.block.row_end]
@@ -427,25 +467,12 @@ class Projector:
             q = torch.linalg.qr(y).Q
             y = block.all_reduce(g.t() @ (g @ q))
         q = torch.linalg.qr(y).Q                                   # (n, k): orthonormal, same on every rank
-        b = g @ q                                                  # (R, k) this rank's rows of G Q
-        # TSQR of G Q: local QR, then QR of the stacked (k x k) triangles.
-        q_loc, r_loc = torch.linalg.qr(b)                          # (R, min(R,k)), (min(R,k), k)
-        if r_loc.shape[0] < k:
-            r_loc = torch.cat([r_loc, r_loc.new_zeros(k - r_loc.shape[0], k)])
-            q_loc = torch.cat([q_loc, q_loc.new_zeros(q_loc.shape[0], k - q_loc.shape[1])], dim=1)
-        if block.distributed:
-            parts = [torch.empty_like(r_loc) for _ in range(block.world_size)]
-            dist.all_gather(parts, r_loc.contiguous(), group=block.group)
-            q_s, r_s = torch.linalg.qr(torch.cat(parts))            # (W k, k), (k, k)
-            q_s = q_s[block.piece.rank * k:(block.piece.rank + 1) * k]
-        else:
-            q_s, r_s = None, r_loc
+        left, r_s = self.tsqr(g @ q)                                # TSQR of G Q: (R, k) rows, (k, k)
         u_s, s, vh_s = torch.linalg.svd(r_s)
         r = self._pick_rank(s, total)
         if self.side == "right":
             p = canonicalize_signs(vh_s[:r] @ q.t(), dim=1)        # rows are the vectors
         else:
-            left = q_loc if q_s is None else q_loc @ q_s
             p = canonicalize_signs(left @ u_s[:, :r], block, dim=0)
         return {"rank": r, "basis": p.to(dtype).contiguous()}, None
 

@@ -11,9 +11,14 @@ A rule is an object with four parts, so that a new member of the family is one c
   ``a @ b`` (``(R, n)``, this rank's rows) to the parameter;
 * ``dense(group, unit, batch)``: the rule's own step on a parameter outside the low-rank groups.
 
+``projected_step`` chains ``direction``, the back-projection and ``apply``; a rule that needs more
+than the low-rank direction (Fira's residual, APOLLO's scaled raw gradient) overrides it.  A rule's
+own group keys are ``options`` (with their defaults), checked by ``validate``.
+
 Registered rules: ``adamw`` (galore-torch's AdamW), ``adamp`` (AdamP's scale-invariant projection
-of the back-projected update) and ``smmf`` (SMMF-factorized moments).  :func:`galore_lowrank_` is
-one projected step of one parameter, whatever the rule.
+of the back-projected update) and ``smmf`` (SMMF-factorized moments); the family members add theirs
+(:mod:`optimlib.optim.galore.fira`, :mod:`optimlib.optim.galore.apollo`).  :func:`galore_lowrank_`
+is one projected step of one parameter, whatever the rule.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from optimlib.optim._common import ParamUnit, write_rows_
 from optimlib.optim.adamp import adamp_param_, scale_invariant_projection
 from optimlib.optim.galore.moments import LowRankMoments, SMMFMoments, carry_moments
 from optimlib.optim.galore.projection import Projector
-from optimlib.optim.smmf import smmf_betas, smmf_param_
+from optimlib.optim.smmf import smmf_betas, smmf_param_, smmf_state_specs
+from optimlib.optim.state_spec import Placement, StateSpec, elementwise
 
 __all__ = ["InnerRule", "AdamPRule", "SMMFRule", "INNER_RULES", "adam_step_size", "galore_adamw_dense_", "galore_lowrank_", "DenseBatch"]
 
@@ -101,27 +107,61 @@ class InnerRule:
 
     name = "adamw"
     decay_first = False
+    #: the rule's own group keys and their defaults (a group without one takes the default)
+    options: dict = {}
+
+    def option(self, group: dict, key: str):
+        return group.get(key, self.options[key])
+
+    def validate(self, group: dict) -> None:
+        """Check the rule's own group keys (``ValueError``/``TypeError`` naming the key)."""
 
     def moments(self, state: dict, group: dict, projector: Projector, like: torch.Tensor, param: torch.Tensor):
         return LowRankMoments(state, group, projector, like, param)
+
+    def lowrank_specs(self, group: dict, projector: Projector, rank: int, place: Placement) -> list[StateSpec]:
+        """The declared state of the store :meth:`moments` returns, at rank ``rank``."""
+        return LowRankMoments.state_specs(group, projector, rank)
+
+    def dense_specs(self, group: dict, place: Placement) -> list[StateSpec]:
+        """The declared state :meth:`dense` keeps (its step counter aside): Adam's two moments."""
+        return [elementwise("exp_avg", place, transform="linear"), elementwise("exp_avg_sq", place, transform="square")]
 
     def direction(self, moments, low: torch.Tensor, t: int, group: dict) -> tuple[torch.Tensor, float]:
         beta1, beta2 = group["betas"]
         step_size = adam_step_size(float(group["lr"]), beta1, beta2, t, group["correct_bias"])
         return moments.update(low, beta1=beta1, beta2=beta2, eps=group["eps"]), step_size
 
-    def apply(self, unit: ParamUnit, block: RowBlock, grad_rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-              step_size: float, group: dict) -> None:
-        """``W <- W - step_size * scale * (a @ b)`` and the decoupled decay, fused
-        (:func:`optimlib.kernels.galore_backproject_update_`)."""
+    def projected_step(self, unit: ParamUnit, projector: Projector, moments, low: torch.Tensor,
+                       grad_rows: torch.Tensor, t: int, group: dict) -> None:
+        """From the projected gradient ``low`` to the parameter: the direction, back-projected as
+        ``a @ b``, applied.  Members of the family that use more than the direction override it."""
+        direction, step_size = self.direction(moments, low, t, group)
+        a, b = projector.up_factors(unit.state, direction.to(unit.grad.dtype))  # up(direction): (R, n)
+        self.apply(unit, projector.block, grad_rows, a, b, step_size, group)
+
+    @staticmethod
+    def update_rows(unit: ParamUnit, block: RowBlock, update) -> None:
+        """Run ``update(rows)`` in place on the parameter's owned ``(R, n)`` rows and write them back
+        when they are a copy (a non-contiguous piece, a DeepSpeed slice starting mid-row)."""
         param = unit.local
         through = block.aligned and param.is_contiguous()      # the owned rows are a view of ``param``
         rows = block.rows(param)
-        galore_backproject_update_(rows, a, b, scale=float(group["scale"]), step_size=step_size,
-                                   lr=float(group["lr"]), weight_decay=group["weight_decay"],
-                                   decay_first=self.decay_first)
+        update(rows)
         if not through:
             write_rows_(param, rows, block)
+
+    def apply(self, unit: ParamUnit, block: RowBlock, grad_rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              step_size: float, group: dict, residual: torch.Tensor | None = None) -> None:
+        """``W <- W - step_size * (scale * (a @ b) + residual)`` and the decoupled decay
+        (:func:`optimlib.kernels.galore_backproject_update_`, fused)."""
+        def update(rows):
+            if residual is not None:
+                rows.add_(residual, alpha=-step_size)
+            galore_backproject_update_(rows, a, b, scale=float(group["scale"]), step_size=step_size,
+                                       lr=float(group["lr"]), weight_decay=group["weight_decay"],
+                                       decay_first=self.decay_first)
+        self.update_rows(unit, block, update)
 
     def _full_moments(self, unit: ParamUnit) -> tuple[torch.Tensor, torch.Tensor]:
         state = unit.state
@@ -179,6 +219,12 @@ class SMMFRule(InnerRule):
     def moments(self, state, group, projector, like, param):
         return SMMFMoments(state, projector, like, param)
 
+    def lowrank_specs(self, group, projector, rank, place):
+        return SMMFMoments.state_specs(projector, rank, place.dtensor)
+
+    def dense_specs(self, group, place):
+        return smmf_state_specs(place, momentum=True)
+
     def direction(self, moments, low, t, group):
         b1, b2 = smmf_betas(t, group["betas"][0], group["decay_rate"], group["growth_rate"])
         return moments.update(low, beta1=b1, beta2=b2, eps=group["eps"]), float(group["lr"])
@@ -203,9 +249,10 @@ def galore_lowrank_(unit: ParamUnit, projector: Projector, rule: InnerRule, grou
     the back-projected direction.  ``unit.state["step"]`` and ``["moment_step"]`` are incremented.
     """
     state, block, grad = unit.state, projector.block, unit.grad
-    # One process, whole parameter: the row view is a reshape (skip RowBlock's generic path).
+    # One process, whole parameter: the row view is a reshape (skip RowBlock's generic path);
+    # contiguous, so that a non-contiguous gradient takes the same matmul paths as its contiguous twin.
     whole = not block.distributed and unit.local.numel() == block.shape[0] * block.shape[1]
-    grad_rows = grad.reshape(block.shape) if whole else block.rows(grad)
+    grad_rows = grad.reshape(block.shape).contiguous() if whole else block.rows(grad)
     moments = rule.moments(state, group, projector, grad, unit.param)
     if projector.needs_refresh(state):
         old = projector.snapshot(state)
@@ -216,7 +263,5 @@ def galore_lowrank_(unit: ParamUnit, projector: Projector, rule: InnerRule, grou
         moments.init(low.shape[projector.rank_dim])
     state["step"] = int(state["step"]) + 1
     state["moment_step"] = t = int(state.get("moment_step", 0)) + 1
-    direction, step_size = rule.direction(moments, low, t, group)
-    a, b = projector.up_factors(state, direction.to(grad.dtype))  # up(direction) = a @ b: (R, n)
-    rule.apply(unit, block, grad_rows, a, b, step_size, group)
+    rule.projected_step(unit, projector, moments, low, grad_rows, t, group)
 
