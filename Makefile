@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU wheel of torch 2.13.0 is what the test machines have locally; for a GPU install
-# see the README ("GPU install") and override TORCH_SPEC.
+# see the README ("Install") and override TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 ARGS   ?=
 CONFIG ?= configs/default.yaml

@@ -6,8 +6,8 @@
 It uses the machine's own torch and Triton, downloads nothing and needs no DeepSpeed.  optimlib
 is imported from this tree: the installed copy when it is this tree (``make gpu-check`` first
 tries ``pip install --no-deps --no-build-isolation --no-index -e .``), otherwise through a
-temporary folder of links on ``PYTHONPATH`` (``optimlib`` -> ``optimlib/``, ``optimlib.kernels``
--> ``kernels/``), so nothing has to install.  pytest, which the kernel tests need, is installed
+temporary folder of links on ``PYTHONPATH`` (``optimlib`` -> ``optimlib/``), so nothing has to
+install.  pytest, which the kernel tests need, is installed
 from ``--wheels DIR`` (default ``runs/gpu-wheels``) when missing and the folder has its wheels.
 
 Parts and their time budgets (seconds, of a 540 s = 9 min total; ``--budget`` scales them):
@@ -62,7 +62,7 @@ def _tree_installed() -> bool:
 
 
 def ensure_importable(from_tree: bool = False) -> str:
-    """Make ``import optimlib`` (and ``optimlib.kernels``) load this tree; returns how."""
+    """Make ``import optimlib`` load this tree; returns how."""
     if not from_tree and _tree_installed():
         return "installed"
     links = Path(tempfile.mkdtemp(prefix="optimlib-tree-"))
@@ -72,7 +72,6 @@ def ensure_importable(from_tree: bool = False) -> str:
     for entry in (REPO / "optimlib").iterdir():
         if entry.name != "__pycache__":
             (package / entry.name).symlink_to(entry)
-    (package / "kernels").symlink_to(REPO / "kernels")
     sys.path.insert(0, str(links))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(links)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     for name in [m for m in sys.modules if m == "optimlib" or m.startswith("optimlib.")]:

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 launch/pretrain.py --config configs/default.yaml      # FSDP2
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/default.yaml deepspeed.zero_stage=2
 
-Overrides are dotted ``key=value`` pairs (see the README's config reference).
+Overrides are dotted ``key=value`` pairs (docs/training.md, "Config reference").
 
 Resuming (docs/checkpoints.md): ``resume=auto`` continues the newest checkpoint in ``out_dir``
 and does nothing for a finished run ("already at step N"); every checkpoint file is checked

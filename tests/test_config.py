@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from optimlib.train.config import (ConfigError, RunConfig, config_from_mapping, load_config, merge_overrides,
-                                   parse_overrides, read_yaml, to_dict)
+                                   micro_batch_for, parse_overrides, read_yaml, to_dict)
 
 
 def test_defaults_and_overrides_typed(tmp_path):
@@ -66,6 +66,45 @@ def test_bad_keys_and_types_name_the_key(override, key):
 def test_batch_must_divide_into_micro_batches():
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(None, ["train.batch_size=10", "train.micro_batch=4"])
+
+
+@pytest.mark.parametrize("batch, world, micro", [(16, 1, 16), (16, 2, 8), (16, 16, 1), (512, 8, 16), (24, 1, 12),
+                                                (14, 2, 7), (34, 1, 2)])
+def test_unset_micro_batch_follows_the_world_size(batch, world, micro):
+    cfg = load_config(None, [f"train.batch_size={batch}"])
+    assert cfg.train.micro_batch is None and micro_batch_for(cfg.train, world) == micro
+
+
+def test_given_micro_batch_is_kept_or_refused_with_the_world_size():
+    cfg = load_config(None, ["train.batch_size=16", "train.micro_batch=4"])
+    assert micro_batch_for(cfg.train, 2) == 4
+    with pytest.raises(ConfigError, match=r"'train.batch_size' \(12\) must be a multiple of train.micro_batch x "
+                                          r"world size \(4 x 2\)"):
+        micro_batch_for(load_config(None, ["train.batch_size=12", "train.micro_batch=4"]).train, 2)
+    with pytest.raises(ConfigError, match=r"'train.batch_size' \(10\) must be a multiple of the world size \(4\)"):
+        micro_batch_for(load_config(None, ["train.batch_size=10"]).train, 4)
+
+
+def test_layerwise_refuses_clipping_and_skipping():
+    assert load_config(None, ["train.layerwise=true", "train.grad_clip=0"]).train.layerwise
+    with pytest.raises(ConfigError, match=r"'train.grad_clip' \(1.0\) must be 0 with train.layerwise=true"):
+        load_config(None, ["train.layerwise=true"])
+    with pytest.raises(ConfigError, match="'train.on_nonfinite' = 'skip' is not available with train.layerwise"):
+        load_config(None, ["train.layerwise=true", "train.grad_clip=0", "train.on_nonfinite=skip"])
+
+
+def test_engines_refuse_what_they_cannot_run(monkeypatch):
+    from optimlib.train.loop import check_engine_config
+
+    cfg = load_config(None, ["train.layerwise=true", "train.grad_clip=0"])
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ConfigError, match="engine=ddp needs torchrun"):
+        check_engine_config(cfg, "ddp")
+    monkeypatch.setenv("RANK", "0")
+    check_engine_config(cfg, "ddp")
+    check_engine_config(cfg, "fsdp2")
+    with pytest.raises(ConfigError, match="'train.layerwise' = true is not available under DeepSpeed: ZeRO owns"):
+        check_engine_config(cfg, "deepspeed")
 
 
 def test_override_syntax_errors():

@@ -70,14 +70,14 @@ PRETRAIN_VARIANTS = (
     ("adamw", "configs/default.yaml", ()),
     ("galore_adamw", "configs/galore_adamw.yaml", ("optim.kwargs.rank={rank}",)),
     ("galore_adamw int8", "configs/galore_adamw.yaml", ("optim.kwargs.rank={rank}", "optim.kwargs.moments_dtype=int8")),
+    ("galore_adamw layerwise", "configs/galore_adamw.yaml",
+     ("optim.kwargs.rank={rank}", "train.layerwise=true", "train.grad_clip=0")),
     ("smmf", "configs/smmf.yaml", ()),
     ("galore_smmf", "configs/galore_smmf.yaml", ("optim.kwargs.rank={rank}",)),
     ("sltrain", "configs/sltrain.yaml", ("reparam.options.rank={rank}", "reparam.options.alpha={alpha}")),
     ("nm 2:4", "configs/nm_2of4.yaml", ()),
 )
 DRY_RUN_ONLY = "dry run (config loaded and estimated only)"
-LAYERWISE_VARIANT = ("galore_adamw layerwise", "configs/galore_adamw.yaml",
-                     ("optim.kwargs.rank={rank}", "train.layerwise=true"))
 
 
 def allot(remaining: float, budget: float, later: float) -> float:
@@ -239,18 +239,11 @@ def step_time(out: Path, deadline: float, dry_run: bool) -> Path:
 
 # ----------------------------------------------------------------------------- pretraining
 def pretrain_variants(model: str) -> list[tuple[str, str, list[str]]]:
-    """:data:`PRETRAIN_VARIANTS` (and the layer-wise one, where the launcher has
-    ``train.layerwise``) with the ranks of ``model`` filled in."""
-    import dataclasses
-
+    """:data:`PRETRAIN_VARIANTS` with the ranks of ``model`` filled in."""
     from optimlib.bench.contenders import paper_rank
-    from optimlib.train.config import TrainConfig
 
-    variants = list(PRETRAIN_VARIANTS)
-    if "layerwise" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        variants.insert(3, LAYERWISE_VARIANT)
     rank = paper_rank(model)
-    return [(n, c, [o.format(rank=rank, alpha=max(1, rank // 4)) for o in extra]) for n, c, extra in variants]
+    return [(n, c, [o.format(rank=rank, alpha=max(1, rank // 4)) for o in extra]) for n, c, extra in PRETRAIN_VARIANTS]
 
 
 def pretrain_overrides(model: str, out_dir: Path, dry_run: bool) -> list[str]:

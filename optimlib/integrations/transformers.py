@@ -9,6 +9,9 @@ Two ways in (``docs/integrations.md`` has runnable examples):
   ``OptimlibFactory()(model, **kwargs)``; the kwargs are :func:`optimlib.create_optimizer`'s.
 * ``Trainer(..., optimizers=(optimlib.create_optimizer(model, "galore_adamw", ...), None))``:
   one process, DDP or DeepSpeed (not FSDP).
+* ``Trainer(args=args, optimizers=layerwise_optimizers(model, "galore_adamw", args, ...))``:
+  layer-wise (optimizer-in-backward) training, with gradient accumulation, in one process
+  (:mod:`optimlib.integrations.transformers_layerwise`).
 
 Target selection (``target_modules``, or the ``TrainingArguments``' ``optim_target_modules``)
 follows the Trainer's own rules -- a string is a regex matched against the whole module name,
@@ -25,10 +28,13 @@ from typing import Any
 
 import torch
 
+from optimlib.integrations.transformers_layerwise import (LayerwiseTrainerOptimizer, check_layerwise_args,
+                                                           layerwise_optimizers)
 from optimlib.optim.factory import create_optimizer, get_optimizer_spec
 from optimlib.validation import fail
 
-__all__ = ["OptimlibFactory", "optimizer_cls_and_kwargs"]
+__all__ = ["LayerwiseTrainerOptimizer", "OptimlibFactory", "check_layerwise_args", "layerwise_optimizers",
+           "optimizer_cls_and_kwargs"]
 
 
 class OptimlibFactory:

@@ -37,13 +37,21 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     """Global sequences per optimizer step, whatever the world size."""
-    micro_batch: int = 16
-    """Sequences per rank per forward; accumulation = batch_size / (micro_batch * world)."""
+    micro_batch: Optional[int] = None
+    """Sequences per rank per forward; accumulation = batch_size / (micro_batch * world).  Unset:
+    the rank's share ``batch_size / world`` if at most 16, else the largest divisor of the share
+    that is (:func:`micro_batch_for`)."""
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     """Cosine decay ends at ``lr * min_lr_ratio``."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    """Clip the global gradient norm to this value; 0 turns clipping off (layer-wise needs 0)."""
+    layerwise: bool = False
+    """Optimizer-in-backward: step each parameter as soon as its gradient is final and free the
+    gradient (:class:`optimlib.optim.layerwise.LayerwiseStepper`), on the last micro-batch of each
+    step; the same updates as the ordinary step.  Not under DeepSpeed (it owns the gradients), not
+    with ``grad_clip`` > 0 (global clipping needs every gradient), and ``on_nonfinite`` can only
+    stop (a non-finite gradient is seen after the parameters were stepped)."""
     eval_every: int = 100
     eval_blocks: int = 64
     checkpoint_every: int = 0
@@ -107,7 +115,8 @@ class RunConfig:
     ``summary.json``, deletes that run's outputs first; without it the run refuses to start."""
     engine: str = "auto"
     """``auto`` (deepspeed when launched by ``deepspeed``, fsdp2 under ``torchrun`` with
-    several ranks, else single), ``single``, ``fsdp2`` or ``deepspeed``."""
+    several ranks, else single), ``single``, ``ddp`` (``torchrun``: the whole model on every
+    rank, gradients all-reduced), ``fsdp2`` or ``deepspeed``."""
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,13 +126,16 @@ class RunConfig:
     reparam: ReparamConfig = field(default_factory=ReparamConfig)
 
 
-ENGINES = ("auto", "single", "fsdp2", "deepspeed")
+ENGINES = ("auto", "single", "ddp", "fsdp2", "deepspeed")
+DEFAULT_MICRO_BATCH = 16
+"""The most sequences per rank per forward that an unset ``train.micro_batch`` takes."""
 
 RESUME_MAY_CHANGE = (
     "out_dir", "resume", "resume_trusted", "resume_other_config", "overwrite",   # where and how to resume
     "engine", "device", "deepspeed",                       # how it runs (the manifest checks the engine)
     "train.steps",                                         # extending a run
     "train.micro_batch",                                   # follows the world size; the global batch stays
+    "train.layerwise",                                     # the same updates, stepped in the backward pass
     "train.eval_every", "train.eval_blocks", "train.log_every", "train.progress",   # reporting
     "train.checkpoint_every", "train.keep_checkpoints", "train.on_nonfinite",        # operations
 )
@@ -272,20 +284,27 @@ def validate(cfg: RunConfig) -> None:
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.micro_batch": t.micro_batch,
                 "train.eval_blocks": t.eval_blocks, "data.seq_len": cfg.data.seq_len}
     for key, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     for key, value in {"train.warmup_steps": t.warmup_steps, "train.eval_every": t.eval_every,
                        "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
                        "train.keep_checkpoints": t.keep_checkpoints}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
-    if t.batch_size % t.micro_batch:
+    if t.micro_batch is not None and t.batch_size % t.micro_batch:
         raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
                           f"'train.micro_batch' ({t.micro_batch})")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"config key 'train.min_lr_ratio' must lie in [0, 1], got {t.min_lr_ratio}")
     if t.grad_clip < 0:
         raise ConfigError(f"config key 'train.grad_clip' must be >= 0 (0 turns clipping off), got {t.grad_clip}")
+    if t.layerwise and t.grad_clip > 0:
+        raise ConfigError(f"config key 'train.grad_clip' ({t.grad_clip}) must be 0 with train.layerwise=true: clipping "
+                          f"by the global norm needs every gradient before any parameter steps, and layer-wise "
+                          f"stepping consumes each gradient as soon as it is ready; set train.grad_clip=0")
+    if t.layerwise and t.on_nonfinite == "skip":
+        raise ConfigError("config key 'train.on_nonfinite' = 'skip' is not available with train.layerwise=true: the "
+                          "parameters are stepped before the gradient norm is known; use stop (or auto)")
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"config key 'train.dtype' must be auto, float32 or bfloat16, got {t.dtype!r}")
     if not cfg.optim.lr > 0:
@@ -301,6 +320,24 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"config key 'data.eval_fraction' must lie in (0, 1), got {cfg.data.eval_fraction}")
+
+
+def micro_batch_for(train: TrainConfig, world_size: int) -> int:
+    """The micro-batch a run on ``world_size`` ranks uses: ``train.micro_batch`` if given, else the
+    largest divisor of the rank's share ``batch_size / world_size`` not above
+    :data:`DEFAULT_MICRO_BATCH`.  Raises :class:`ConfigError` naming ``train.batch_size`` when the
+    world size (times a given micro-batch) does not divide the global batch."""
+    share, rest = divmod(train.batch_size, world_size)
+    if rest or share == 0:
+        raise ConfigError(f"config key 'train.batch_size' ({train.batch_size}) must be a multiple of the world size "
+                          f"({world_size}): every rank takes the same share of each global batch")
+    if train.micro_batch is None:
+        return max(d for d in range(1, min(share, DEFAULT_MICRO_BATCH) + 1) if share % d == 0)
+    if share % train.micro_batch:
+        raise ConfigError(f"config key 'train.batch_size' ({train.batch_size}) must be a multiple of "
+                          f"train.micro_batch x world size ({train.micro_batch} x {world_size}); leave "
+                          f"train.micro_batch unset to derive it from the world size")
+    return train.micro_batch
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -1,10 +1,17 @@
-"""The three ways ``launch/pretrain.py`` runs a model: one process, FSDP2, DeepSpeed ZeRO.
+"""What an engine of ``launch/pretrain.py`` is, and the one-process and FSDP2 engines.
 
+The engines (:data:`optimlib.train.engines.ENGINES`): one process, DDP
+(:mod:`~optimlib.train.engine_ddp`), FSDP2, DeepSpeed ZeRO (:mod:`~optimlib.train.engine_deepspeed`).
 Each engine owns the wrapped model and the optimizer and offers the same small surface to the
 training loop: ``forward_backward`` for one micro-batch, ``step`` at the accumulation boundary,
 ``after_step`` / ``after_skipped_step`` (the reparameterizations' step hooks, after an
 applied or a skipped step), ``set_lr``, ``save``/``load`` and the
 memory counters.  The loop itself (``loop.py``) is the same for all of them.
+
+With ``train.layerwise`` (one process, DDP, FSDP2) the engine's optimizer steps each parameter
+inside the last micro-batch's backward pass (:class:`~optimlib.optim.layerwise.LayerwiseStepper`,
+set up by :meth:`Engine.start_layerwise`) and ``step`` only checks the gradient norm, which the
+stepper's ``prepare`` added up from the gradients it stepped.
 
 Parameters a reparameterized layer declares replicated (``replicated_parameters``: shapes that
 change between steps, e.g. dynamic-rank factors) are kept out of FSDP2's and ZeRO's sharding by
@@ -31,7 +38,8 @@ from optimlib.distributed.layout import to_local
 from optimlib.distributed.replicated import ReplicatedParams
 from optimlib.distributed.teardown import leave_process_group
 from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes, param_groups
-from optimlib.train.config import ConfigError, RunConfig
+from optimlib.optim.layerwise import LayerwiseStepper
+from optimlib.train.config import ConfigError, RunConfig, micro_batch_for
 
 
 def detect_engine(cfg: RunConfig, argv_local_rank: int | None) -> str:
@@ -122,6 +130,8 @@ class Engine:
     """Shared behaviour; subclasses wrap the model and optimizer their way."""
 
     name = "single"
+    shards_gradients = False
+    """Each rank holds its own part of every gradient (FSDP2's shards), not a whole copy."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int, world_size: int):
         self.cfg = cfg
@@ -132,6 +142,10 @@ class Engine:
         self.optimizer = None
         self.replicated: ReplicatedParams | None = None
         """The declared replicated parameters (sharded engines only; None when there are none)."""
+        self.layerwise: LayerwiseStepper | None = None
+        """The optimizer-in-backward stepper (``train.layerwise``; see :meth:`start_layerwise`)."""
+        self._layerwise_sq: torch.Tensor | None = None
+        self._grad_bytes_peak = 0
         dtype = cfg.train.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -164,9 +178,32 @@ class Engine:
         with self._optim_kwargs_checked():
             return create_optimizer(model, self.cfg.optim.name, **self._optimizer_kwargs(per_parameter_groups))
 
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        t = self.cfg.train
+        return t.batch_size // (micro_batch_for(t, self.world_size) * self.world_size)
+
     def setup(self, model: nn.Module) -> None:
         self.model = model.to(self.device)
         self.optimizer = self.build_optimizer(self.model)
+        self.start_layerwise()
+
+    def start_layerwise(self, reduce_grad=None) -> None:
+        """With ``train.layerwise``, after the optimizer is built: hook its parameters so that each
+        one steps in the last micro-batch's backward pass.  ``reduce_grad(grad)``, if given, first
+        makes the gradient final in place (DDP: the average over the ranks); then the gradient's
+        sum of squares is added to this step's norm."""
+        if not self.cfg.train.layerwise:
+            return
+
+        def prepare(p: torch.Tensor) -> None:
+            if reduce_grad is not None:
+                reduce_grad(p.grad)
+            sq = to_local(p.grad).detach().float().square().sum()
+            self._layerwise_sq = sq if self._layerwise_sq is None else self._layerwise_sq + sq
+
+        self.layerwise = LayerwiseStepper(self.optimizer, self.accumulation, prepare)
 
     def split_replicated(self, model: nn.Module, per_parameter_groups: bool = False) -> None:
         """Sharded engines, before wrapping ``model``: hide the declared replicated parameters from
@@ -213,6 +250,8 @@ class Engine:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float, last: bool) -> torch.Tensor:
         loss = self.loss(x, y)
         (loss * scale).backward()
+        if self.layerwise is not None:
+            self.layerwise.step()
         return loss.detach()
 
     def step(self) -> StepResult:
@@ -224,11 +263,15 @@ class Engine:
         untouched; ``stop`` raises :class:`NonFiniteGradientError` naming the step's parameters
         that hold NaN/inf.
         """
-        optimizers = [self.optimizer]
-        grads = [[p.grad for p in self.model.parameters() if p.grad is not None]]
-        total = torch.nn.utils.get_total_norm(grads[0], foreach=True)
-        if hasattr(total, "full_tensor"):
-            total = total.full_tensor()
+        if self.layerwise is not None:
+            optimizers, grads, total = [], [], self._layerwise_norm()
+        else:
+            optimizers = [self.optimizer]
+            grads = [[p.grad for p in self.model.parameters() if p.grad is not None]]
+            self._grad_bytes_peak = max(self._grad_bytes_peak, sum(to_local(g).nbytes for g in grads[0]))
+            total = torch.nn.utils.get_total_norm(grads[0], foreach=True)
+            if hasattr(total, "full_tensor"):
+                total = total.full_tensor()
         if self.replicated is not None:
             self.replicated.average_grads_()
             total = torch.linalg.vector_norm(torch.stack([total, self.replicated.grad_norm().to(total)]))
@@ -236,6 +279,9 @@ class Engine:
             optimizers.append(self.replicated.optimizer)
         norm = float(total)
         if not math.isfinite(norm):
+            if self.layerwise is not None:  # the parameters were stepped in the backward pass
+                raise NonFiniteGradientError(f"non-finite gradient (norm {norm}); with train.layerwise=true the "
+                                             f"parameters were already stepped with it, so the run stops")
             if self.cfg.train.on_nonfinite == "stop":  # "auto" means skip here
                 raise NonFiniteGradientError(f"non-finite gradient (norm {norm}) in {self._nonfinite_names()}; "
                                              f"train.on_nonfinite=stop ended the run")
@@ -248,6 +294,15 @@ class Engine:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return StepResult(norm)
+
+    def _layerwise_norm(self) -> torch.Tensor:
+        """The norm of the gradients the layer-wise stepper consumed since the last step."""
+        sq, self._layerwise_sq = self._layerwise_sq, None
+        if sq is None:
+            sq = torch.zeros((), device=self.device)
+        if self.shards_gradients and self.world_size > 1:
+            dist.all_reduce(sq)
+        return sq.sqrt()
 
     def _nonfinite_names(self) -> str:
         """The parameters whose gradient holds NaN/inf, on any rank (a collective)."""
@@ -293,6 +348,17 @@ class Engine:
 
     def param_bytes(self) -> int:
         return param_bytes(self.module) + (self.replicated.param_bytes() if self.replicated is not None else 0)
+
+    def grad_bytes(self) -> tuple[int, int] | None:
+        """``(peak, all)`` on this rank: the most bytes the ``.grad`` tensors of the optimizer's
+        parameters held at once during the run (layer-wise: while the backward pass consumed them;
+        else: all of them at the step), and the bytes of all of them together (one gradient per
+        trainable parameter, this rank's shards).  The replicated parameters' gradients, stepped at
+        the boundary, are not counted."""
+        every = sum(to_local(p).nbytes for group in self.optimizer.param_groups for p in group["params"]
+                    if p.requires_grad)
+        peak = self.layerwise.grad_bytes_peak if self.layerwise is not None else self._grad_bytes_peak
+        return peak, every
 
     # -------------------------------------------------------------- checkpoints
     def replicated_state_dict(self) -> dict | None:
@@ -350,6 +416,7 @@ class FSDP2Engine(Engine):
     """``fully_shard`` on every transformer block, then on the root (torchrun)."""
 
     name = "fsdp2"
+    shards_gradients = True
 
     def setup(self, model: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -363,129 +430,9 @@ class FSDP2Engine(Engine):
         fully_shard(model, mesh=mesh)
         self.model = model
         self.optimizer = self.build_optimizer(model)
+        self.start_layerwise()  # FSDP2 runs the hooks on the sharded parameters, after the reduce-scatter
 
     def forward_backward(self, x, y, scale, last):
         # Skip the reduce-scatter on all but the last micro-batch of the step.
         self.model.set_requires_gradient_sync(last)
         return super().forward_backward(x, y, scale, last)
-
-
-class DeepSpeedEngine(Engine):
-    """``deepspeed.initialize`` with our optimizer as the client optimizer."""
-
-    name = "deepspeed"
-
-    def ds_config(self) -> dict:
-        import json
-
-        cfg = self.cfg
-        base: dict = {}
-        if cfg.deepspeed.config:
-            path = cfg.deepspeed.config
-            if not os.path.isfile(path):
-                raise ConfigError(f"config key 'deepspeed.config': file '{path}' does not exist")
-            with open(path) as fh:
-                base = json.load(fh)
-        t = cfg.train
-        accum = t.batch_size // (t.micro_batch * self.world_size)
-        for key, ours in (("train_batch_size", t.batch_size), ("train_micro_batch_size_per_gpu", t.micro_batch),
-                          ("gradient_accumulation_steps", accum), ("gradient_clipping", t.grad_clip)):
-            if key in base and base[key] != ours:
-                raise ConfigError(f"deepspeed JSON '{cfg.deepspeed.config}' sets {key}={base[key]}, which "
-                                  f"contradicts the run config ({key} comes from train.batch_size, "
-                                  f"train.micro_batch, train.grad_clip and the world size); remove it from the JSON")
-        zero = dict(base.get("zero_optimization", {}))
-        if "stage" in zero and zero["stage"] != cfg.deepspeed.zero_stage and cfg.deepspeed.zero_stage:
-            raise ConfigError(f"deepspeed JSON sets zero_optimization.stage={zero['stage']} but "
-                              f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}")
-        zero.setdefault("stage", cfg.deepspeed.zero_stage)
-        out = {
-            **base,
-            "train_batch_size": t.batch_size,
-            "train_micro_batch_size_per_gpu": t.micro_batch,
-            "gradient_accumulation_steps": accum,
-            # DeepSpeed 0.19 clips at 1.0 unless told: always say it explicitly.
-            "gradient_clipping": t.grad_clip,
-            "zero_allow_untested_optimizer": True,
-            "zero_optimization": zero,
-            "steps_per_print": 10 ** 9,
-        }
-        if self.autocast_dtype is torch.bfloat16:
-            out.setdefault("bf16", {"enabled": True})
-        return out
-
-    def setup(self, model: nn.Module) -> None:
-        import deepspeed
-
-        spec = get_optimizer_spec(self.cfg.optim.name)
-        model = model.to(self.device)
-        # Shape-aware optimizers need one parameter per group so that each ZeRO partition is a
-        # slice of one parameter (see optimlib.distributed.layout).
-        self.split_replicated(model, per_parameter_groups=spec.shape_aware)
-        optimizer = self.build_optimizer(model, per_parameter_groups=spec.shape_aware)
-        self.autocast_dtype = None  # DeepSpeed's bf16 section casts the model itself
-        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(),
-                                                    dist_init_required=False)
-        self.model = engine
-        self.optimizer = ds_opt
-        if self.replicated is not None and self.cfg.train.grad_clip > 0:
-            self._clip_with_replicated(ds_opt)
-
-    def _clip_with_replicated(self, ds_opt) -> None:
-        """Make ZeRO's global gradient norm (which it clips by, inside ``model.step()``) include
-        the replicated parameters' gradients, as a one-process run's does.  ZeRO has no public
-        hook for it: the per-optimizer norm method is wrapped (ZeRO-1/2 ``scaled_global_norm``,
-        ZeRO-3 ``_get_norm_groups``); the replicated gradients are averaged just before."""
-        from deepspeed.runtime.utils import combine_grad_norm_groups
-
-        def extra():  # unscaled, like ZeRO's: fp32 and bf16 runs have no loss scaling
-            return self.replicated.grad_norm()
-
-        if callable(getattr(ds_opt, "_get_norm_groups", None)):  # ZeRO-3
-            groups = ds_opt._get_norm_groups
-            ds_opt._get_norm_groups = lambda: [*groups(), extra()]
-        elif callable(getattr(ds_opt, "scaled_global_norm", None)):  # ZeRO-1/2
-            scaled = ds_opt.scaled_global_norm
-            ds_opt.scaled_global_norm = lambda norm_type=2: combine_grad_norm_groups([scaled(norm_type), extra()])
-        else:
-            raise ConfigError(f"DeepSpeed's {type(ds_opt).__name__} (zero_optimization.stage "
-                              f"{self.ds_config()['zero_optimization']['stage']}) gives no way to clip the replicated "
-                              f"parameters of this model by the global norm; use ZeRO stage 1, 2 or 3, or "
-                              f"train.grad_clip=0")
-
-    def loss(self, x, y):
-        logits = self.model(x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-
-    def forward_backward(self, x, y, scale, last):
-        loss = self.loss(x, y)
-        # DeepSpeed owns the step (inside model.step() below), so a non-finite step cannot be
-        # skipped from here: the config check allows only train.on_nonfinite=stop, caught at the loss.
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteGradientError(f"non-finite loss ({float(loss)}) on rank {self.rank}: its gradients would "
-                                         f"reach every parameter; train.on_nonfinite=stop ended the run")
-        self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
-        if last and self.replicated is not None:
-            self.replicated.average_grads_()  # before model.step(): its clipping norm includes them
-        self.model.step()  # a no-op until the accumulation boundary
-        return loss.detach()
-
-    def step(self) -> StepResult:
-        """DeepSpeed stepped inside ``forward_backward``; the replicated parameters step here,
-        clipped by the same global norm (the one ``_clip_with_replicated`` made ZeRO compute)."""
-        clip = self.cfg.train.grad_clip
-        norm = self.model.get_global_grad_norm() if clip > 0 else None
-        norm = float(norm) if norm is not None else None
-        if self.replicated is not None:
-            if clip > 0:
-                clip_grads_(self.replicated.grads(), clip, torch.tensor(norm, dtype=torch.float32))
-            self.replicated.optimizer.step()
-            self.replicated.optimizer.zero_grad(set_to_none=True)
-        return StepResult(norm)
-
-    @property
-    def module(self) -> nn.Module:
-        return self.model.module
-
-
-ENGINES = {"single": SingleEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}

@@ -21,8 +21,9 @@ from optimlib.data import PackedBlocks, global_batch_indices, load_corpus, rank_
 from optimlib import reparam
 from optimlib.models import build_model
 from optimlib.train import checkpoint, run_dir
-from optimlib.train.config import ConfigError, RunConfig, run_identity, to_dict
-from optimlib.train.engine import ENGINES, NonFiniteGradientError, detect_engine, init_distributed, pick_device
+from optimlib.train.config import ConfigError, RunConfig, micro_batch_for, run_identity, to_dict
+from optimlib.train.engine import NonFiniteGradientError, detect_engine, init_distributed, pick_device
+from optimlib.train.engines import ENGINES
 from optimlib.train.metrics import MetricsWriter, format_bytes, peak_flops, peak_rss_bytes, write_summary
 from optimlib.train.schedule import warmup_cosine
 
@@ -51,11 +52,19 @@ def check_engine_config(cfg: RunConfig, engine_name: str) -> None:
         if cfg.train.on_nonfinite == "skip":
             raise ConfigError("config key 'train.on_nonfinite' = 'skip' is not available under DeepSpeed, which "
                               "applies the step itself; use stop (or auto)")
+        if cfg.train.layerwise:
+            raise ConfigError("config key 'train.layerwise' = true is not available under DeepSpeed: ZeRO owns the "
+                              "gradients (it reduces them into its own flat partitions and steps the optimizer on "
+                              "those after the backward pass), so no parameter can be stepped inside it; use "
+                              "FSDP2 (torchrun) or engine=ddp for layer-wise stepping")
     elif cfg.deepspeed.zero_stage or cfg.deepspeed.config:
         raise ConfigError(f"config section 'deepspeed' (zero_stage={cfg.deepspeed.zero_stage}, "
                           f"config={cfg.deepspeed.config!r}) asks for DeepSpeed, but this run's engine is "
-                          f"{engine_name} (launcher: {'torchrun' if engine_name == 'fsdp2' else 'python'}); launch "
+                          f"{engine_name} (launcher: {'python' if engine_name == 'single' else 'torchrun'}); launch "
                           f"with `deepspeed launch/pretrain.py ...` or drop the deepspeed settings")
+    if engine_name == "ddp" and "RANK" not in os.environ:
+        raise ConfigError("engine=ddp needs torchrun (torchrun --nproc_per_node N launch/pretrain.py ... "
+                          "engine=ddp); this process was started without it")
 
 
 class StopRequest:
@@ -112,10 +121,8 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     if engine_name == "single" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("engine=single was asked for, but the launcher started several ranks")
     t = cfg.train
-    if t.batch_size % (t.micro_batch * world):
-        raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be a multiple of "
-                          f"train.micro_batch x world size ({t.micro_batch} x {world})")
-    accum = t.batch_size // (t.micro_batch * world)
+    micro = micro_batch_for(t, world)
+    accum = t.batch_size // (micro * world)
 
     corpus = load_corpus(cfg.data)
     seed_everything(cfg.seed)
@@ -153,8 +160,8 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     writer.truncate_after(start_step)
 
     def evaluate() -> float:
-        losses = [engine.eval_loss(eval_batch[i:i + t.micro_batch, :-1], eval_batch[i:i + t.micro_batch, 1:])
-                  for i in range(0, eval_batch.size(0), t.micro_batch)]
+        losses = [engine.eval_loss(eval_batch[i:i + micro, :-1], eval_batch[i:i + micro, 1:])
+                  for i in range(0, eval_batch.size(0), micro)]
         return float(engine.all_reduce_mean(torch.stack(losses).mean()))
 
     progress = None
@@ -181,7 +188,7 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
         losses = []
         try:
             for k in range(accum):
-                batch = train_blocks.get(mine[k * t.micro_batch:(k + 1) * t.micro_batch]).to(device)
+                batch = train_blocks.get(mine[k * micro:(k + 1) * micro]).to(device)
                 losses.append(engine.forward_backward(batch[:, :-1], batch[:, 1:], 1.0 / accum,
                                                       last=k == accum - 1))
             result = engine.step()
@@ -226,6 +233,7 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
         checkpoint.prune(ckpt_root, t.keep_checkpoints)
 
     state_bytes = engine.optimizer_state_bytes()
+    grad_bytes = engine.grad_bytes()
     p_bytes = engine.param_bytes()
     steps_run = final_step - start_step
     tokens_per_s = steps_run * tokens_per_step / train_time if train_time > 0 else None
@@ -245,6 +253,9 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
         "param_bytes_all_ranks": int(engine.all_reduce_sum(p_bytes)),
         "optimizer_state_bytes": state_bytes,
         "optimizer_state_bytes_all_ranks": int(engine.all_reduce_sum(state_bytes)),
+        "layerwise": t.layerwise,
+        "grad_bytes_peak": grad_bytes[0] if grad_bytes else None,
+        "grad_bytes_all": grad_bytes[1] if grad_bytes else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_rss_bytes": peak_rss_bytes(),
         "world_size": world,
@@ -282,6 +293,9 @@ def render_summary(s: dict, out_dir: Path) -> str:
         f"  parameters       {s['num_parameters']:,} ({format_bytes(s['param_bytes'])} on this rank)",
         f"  optimizer state  {format_bytes(s['optimizer_state_bytes'])} on this rank, "
         f"{format_bytes(s['optimizer_state_bytes_all_ranks'])} over all ranks",
+        *([f"  gradients        {format_bytes(s['grad_bytes_peak'])} alive at the peak on this rank"
+           + (" (layer-wise)" if s["layerwise"] else "") + f", of {format_bytes(s['grad_bytes_all'])} in all"]
+          if s.get("grad_bytes_peak") is not None else []),
         f"  TensorBoard      tensorboard --logdir {out_dir / 'tensorboard'}",
         f"  summary          {out_dir / 'summary.json'}  (loss curve: {out_dir / 'loss.png'})",
     ]

@@ -42,8 +42,7 @@ def run(command: str, cwd: Path) -> str:
     for name, code in SCRIPTS.items():
         (cwd / name).write_text(code)
     try:
-        # no repository root on the path (its kernels/ folder would shadow the `kernels` that
-        # transformers imports): optimlib is the installed checkout
+        # optimlib is the installed checkout, as for a user (no repository root on the path)
         proc = subprocess.run(argv, cwd=cwd, env=cpu_env(PYTHONPATH=""), capture_output=True, text=True,
                               timeout=300)
     finally:

@@ -26,8 +26,7 @@ from conftest import launch
 WORKER = Path(__file__).with_name("hf_trainer_worker.py")
 LOSS_RTOL, PARAM_RTOL, CONTROL_RTOL = 1e-6, 2e-5, 1e-4
 CONTROL = "gpt2_adamw"
-# Without the repository root on the path (its top-level kernels/ folder would shadow the
-# `kernels` distribution that transformers imports); optimlib is the installed checkout.
+# Without the repository root on the path: optimlib is the installed checkout, as for a user.
 ENV = {"PYTHONPATH": ""}
 
 

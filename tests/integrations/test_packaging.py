@@ -17,13 +17,26 @@ EXTRAS_ONLY = ("deepspeed", "tensorboard", "matplotlib", "transformers", "accele
                "tqdm", "einops", "datasets")
 
 
-def run_python(code: str) -> str:
-    """``code`` in a fresh interpreter outside the repository root (its kernels/ folder would
-    shadow the `kernels` distribution); optimlib is the installed checkout."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO / "tests", capture_output=True,
+def run_python(code: str, cwd=REPO / "tests") -> str:
+    """``code`` in a fresh interpreter started in ``cwd`` (its first import path); optimlib is
+    the installed checkout."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
                           text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout.strip().splitlines()[-1]
+
+
+def test_nothing_at_the_repository_root_shadows_another_distribution():
+    """From the root (a script or notebook in a clone): transformers imports the `kernels`
+    distribution it depends on, not the repository's top-level kernels/ folder."""
+    found = json.loads(run_python("""
+        import json, kernels, optimlib.kernels
+        from transformers import GPT2LMHeadModel
+        GPT2LMHeadModel
+        print(json.dumps([kernels.__file__, optimlib.kernels.__file__]))
+    """, cwd=REPO))
+    assert "site-packages" in found[0] and not found[0].startswith(str(REPO / "kernels")), found
+    assert found[1] == str(REPO / "optimlib" / "kernels" / "__init__.py"), found
 
 
 def test_import_optimlib_imports_no_framework():
@@ -60,7 +73,8 @@ def test_optimizers_and_reparameterizations_need_only_the_core_dependencies():
                 opt.zero_grad()
 
         for name in optimlib.list_optimizers():
-            extra = {{"target_modules": ["0", "2"], "rank": 4}} if name.startswith("galore") else {{}}
+            matrix = name in optimlib.optim.factory.matrix_optimizers()
+            extra = {{"target_modules": ["0", "2"], "rank": 4}} if matrix else {{}}
             m = model()
             before = m[0].weight.detach().clone()
             train(m, optimlib.create_optimizer(m, name, lr=1e-2, **extra))

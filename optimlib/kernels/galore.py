@@ -25,6 +25,7 @@ cuBLAS / MKL, so kernel and twin agree to rounding, not bitwise.
 
 import torch
 
+from optimlib.kernels._compiled import fused_twin
 from optimlib.kernels._dispatch import (cast_rn, cdiv, dot_precision, index_dtype, interpreted, jit, launch,
                                         next_pow2, resolve_backend, round_through, tile_indices, tile_matmul, tl,
                                         use_triton)
@@ -45,6 +46,9 @@ def galore_backproject_reference(W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     W.add_(update, alpha=-step_size)
     if weight_decay > 0.0:
         W.add_(W, alpha=-lr * weight_decay)
+
+
+_backproject_fused = fused_twin(galore_backproject_reference)
 
 
 @jit
@@ -108,8 +112,8 @@ def _backproject_op(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: fl
     if use_triton(backend, (W, A, B)):
         _backproject_triton(W, A, B, scale, step_size, lr, weight_decay, wd_factor, decay_first)
         return
-    galore_backproject_reference(W, A, B, scale=scale, step_size=step_size, lr=lr, weight_decay=weight_decay,
-                                 wd_factor=wd_factor, decay_first=decay_first)
+    _backproject_fused(W, A, B, scale=scale, step_size=step_size, lr=lr, weight_decay=weight_decay,
+                       wd_factor=wd_factor, decay_first=decay_first)
 
 
 @_backproject_op.register_fake

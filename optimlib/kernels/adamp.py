@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from optimlib.kernels._compiled import fused_twin
 from optimlib.kernels._dispatch import (as_2d, cast_rn, cdiv, index_dtype, jit, launch, next_pow2, resolve_backend,
                                         round_through, tl, use_triton)
 from optimlib.kernels.adam import _adam_math, adam_update_reference
@@ -72,6 +73,10 @@ def adamp_apply_reference(weight, exp_avg, exp_avg_sq, grad, coef, decay, *, ste
     u = u - weight * coef[:, None].to(u.dtype)
     weight.mul_(decay)
     weight.add_(u, alpha=-step_size)
+
+
+_stats_fused = fused_twin(adamp_stats_reference)
+_apply_fused = fused_twin(adamp_apply_reference)
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -168,8 +173,8 @@ def _stats_op(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tenso
               backend: str) -> torch.Tensor:
     if use_triton(backend, (exp_avg, exp_avg_sq, grad, weight)):
         return _stats_triton(exp_avg, exp_avg_sq, grad, weight, beta1, beta2, eps, bias_correction2_sqrt, nesterov)
-    return adamp_stats_reference(exp_avg, exp_avg_sq, grad, weight, beta1=beta1, beta2=beta2, eps=eps,
-                                 bias_correction2_sqrt=bias_correction2_sqrt, nesterov=nesterov)
+    return _stats_fused(exp_avg, exp_avg_sq, grad, weight, beta1=beta1, beta2=beta2, eps=eps,
+                        bias_correction2_sqrt=bias_correction2_sqrt, nesterov=nesterov)
 
 
 @_stats_op.register_fake
@@ -185,8 +190,8 @@ def _apply_op(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Ten
         _apply_triton(weight, exp_avg, exp_avg_sq, grad, coef, decay, step_size, beta1, eps, bias_correction2_sqrt,
                       nesterov)
         return
-    adamp_apply_reference(weight, exp_avg, exp_avg_sq, grad, coef, decay, step_size=step_size, beta1=beta1,
-                          eps=eps, bias_correction2_sqrt=bias_correction2_sqrt, nesterov=nesterov)
+    _apply_fused(weight, exp_avg, exp_avg_sq, grad, coef, decay, step_size=step_size, beta1=beta1,
+                 eps=eps, bias_correction2_sqrt=bias_correction2_sqrt, nesterov=nesterov)
 
 
 @_apply_op.register_fake

@@ -43,6 +43,7 @@ GPU has not been checked (no GPU run yet).
 
 import torch
 
+from optimlib.kernels._compiled import fused_twin
 from optimlib.kernels._dispatch import (as_2d, cast_rn, cdiv, index_dtype, jit, launch, next_pow2, resolve_backend,
                                         round_through, tl, use_triton)
 from optimlib.formats.quantize import scalar_mix, codebook, dequantize_blockwise, hash_uniform, num_blocks, \
@@ -63,6 +64,9 @@ def adam_update_reference(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad:
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     numer = (beta1 * exp_avg + (1 - beta1) * g) if nesterov else exp_avg
     return (numer / bias_correction1) / denom
+
+
+_adam_fused = fused_twin(adam_update_reference)
 
 
 def _noise(shape, noise, device, which: int):
@@ -274,9 +278,9 @@ def _adam_op(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor
     if use_triton(backend, (exp_avg, exp_avg_sq, grad)):
         return _adam_triton(exp_avg, exp_avg_sq, grad, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt,
                             nesterov)
-    return adam_update_reference(exp_avg, exp_avg_sq, grad, beta1=beta1, beta2=beta2, eps=eps,
-                                 bias_correction1=bias_correction1, bias_correction2_sqrt=bias_correction2_sqrt,
-                                 nesterov=nesterov).contiguous()
+    return _adam_fused(exp_avg, exp_avg_sq, grad, beta1=beta1, beta2=beta2, eps=eps,
+                       bias_correction1=bias_correction1, bias_correction2_sqrt=bias_correction2_sqrt,
+                       nesterov=nesterov).contiguous()
 
 
 @_adam_op.register_fake

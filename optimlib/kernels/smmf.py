@@ -100,6 +100,7 @@ def smmf_update_reference(grad: torch.Tensor, exp_avg_sq_row: torch.Tensor, exp_
     return direction, col_sums
 
 
+
 @jit
 def _segment_sums(x, l, LP: tl.constexpr):
     """Row sums of a ``(BR, BC)`` tile split by the matrix row ``l`` (``(BC,)``) each column
