@@ -12,7 +12,7 @@ every timed step is an ordinary one).  Their medians combine into the amortized 
 
     amortized = (refresh + (gap - 1) * ordinary) / gap
 
-Issue #3's targets on a CPU: the amortized ``galore_adamw`` step no slower than galore-torch's,
+The targets on a CPU: the amortized ``galore_adamw`` step no slower than galore-torch's,
 and within 1.3x of torch AdamW (foreach).
 """
 
@@ -93,7 +93,7 @@ def run_step_benchmark(model_name: str = "llama_60m", names: list[str] | None = 
             targets["galore_adamw_amortized_vs_galore_torch"] = ratio
             targets["no_slower_than_galore_torch"] = ratio <= TARGETS["vs_galore_torch"]
     return {"benchmark": "step", "model": model_name, "dtype": dtype, "gap": gap, "reps": reps, "warmup": warmup,
-            "baseline": baseline, "environment": environment(dev), "rows": rows, "issue3_targets": targets,
+            "baseline": baseline, "environment": environment(dev), "rows": rows, "targets": targets,
             "samples": samples}
 
 
@@ -112,8 +112,8 @@ def step_markdown(result: dict) -> str:
             f"(load average {env.get('load_average_1m')}).  Only the ratios of one run are meaningful on a shared "
             "machine.")
     lines = [head, "", markdown_table(result["rows"], columns)]
-    t = result["issue3_targets"]
+    t = result["targets"]
     if t:
-        lines += ["", "Issue #3 targets: " + ", ".join(
+        lines += ["", "Targets: " + ", ".join(
             f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in t.items())]
     return "\n".join(lines)

@@ -159,6 +159,16 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "status_short": git("status", "--short")}
 
 
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (what the results record, so that
+    they hold no machine's absolute paths), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def run_dir(runs_dir: Path, method: str, lr: float) -> Path:
     return Path(runs_dir) / method / f"lr_{lr:g}"
 
@@ -213,7 +223,7 @@ def _build_engine(study: Study, method: Method):
     """The model and optimizer of ``method``'s center-lr run, as the training loop builds them."""
     from optimlib import reparam
     from optimlib.models import build_model
-    from optimlib.train.engine import ENGINES
+    from optimlib.train.engines import ENGINES
     from optimlib.train.loop import seed_everything
 
     cfg = config_from_mapping(study.run_tree(method, method.lrs[(len(method.lrs) - 1) // 2], Path("unused")))
@@ -282,7 +292,7 @@ def collect(study: Study, runs_dir: str | Path, timing: dict | None = None) -> d
             meta = json.loads((out / "study_run.json").read_text()) if (out / "study_run.json").exists() else {}
             status = "ok" if summary else meta.get("status", "missing")
             run = {"lr": lr, "status": status, "error": meta.get("error"), "commit": meta.get("commit"),
-                   "wall_s": meta.get("wall_s"), "dir": str(out)}
+                   "wall_s": meta.get("wall_s"), "dir": repo_relative(out)}
             if summary:
                 run.update({k: summary.get(k) for k in ("final_eval_loss", "final_train_loss", "first_eval_loss",
                                                          "tokens_per_s", "optimizer_state_bytes", "param_bytes",
@@ -320,9 +330,9 @@ def collect(study: Study, runs_dir: str | Path, timing: dict | None = None) -> d
     start = runs_dir / "study_start.json"
     n_runs = sum(len(m.lrs) for m in study.methods)
     n_done = sum(1 for r in rows for run in r["runs"] if run["status"] == "ok")
-    return {"study": study.path, "baseline": study.baseline, "base": study.base,
+    return {"study": repo_relative(study.path), "baseline": study.baseline, "base": study.base,
             "start": json.loads(start.read_text()) if start.exists() else None,
-            "runs_finished": n_done, "runs_total": n_runs, "runs_dir": str(runs_dir),
+            "runs_finished": n_done, "runs_total": n_runs, "runs_dir": repo_relative(runs_dir),
             "timing": {k: v for k, v in (timing or {}).items() if k not in ("methods", "samples")} or None,
             "rows": rows}
 

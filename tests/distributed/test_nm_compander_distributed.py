@@ -5,7 +5,7 @@ Same harness and tolerance as test_pretrain_parity.py (TINY_RUN: 6 steps, 2 micr
 rank, so gradient accumulation is exercised; gradient clipping on and explicit).  The schedules
 are shortened so that they change within the 6 steps: mdgf has one dense step, then a 4-step
 cosine window, then the binary mask; sdgf walks 7:8 -> 4:8 -> 2:8 -> 1:8, one pattern per step.
-Each recipe costs three launches (one process, FSDP2, ZeRO-2), the most the issue allows; ste is
+Each recipe costs three launches (one process, FSDP2, ZeRO-2), kept to that to bound the suite's time; ste is
 kept although it is srste with lambda = 0, because it is the one recipe without a saved weight.
 """
 
