@@ -30,7 +30,8 @@ import torch
 
 from optimlib.integrations.transformers_layerwise import (LayerwiseTrainerOptimizer, check_layerwise_args,
                                                            layerwise_optimizers)
-from optimlib.optim.factory import create_optimizer, get_optimizer_spec
+from optimlib.integrations.trainer_options import trainer_options
+from optimlib.optim.factory import create_optimizer
 from optimlib.validation import fail
 
 __all__ = ["LayerwiseTrainerOptimizer", "OptimlibFactory", "check_layerwise_args", "layerwise_optimizers",
@@ -63,13 +64,5 @@ def optimizer_cls_and_kwargs(name: str, args: Any = None, **kwargs: Any) -> tupl
     ``optim_target_modules`` (when set).  Unknown names and options are refused here, by name,
     rather than when the Trainer starts training.
     """
-    spec = get_optimizer_spec(name)  # an unknown name: ValueError listing the known ones
-    options = dict(kwargs)
-    if args is not None:
-        options.setdefault("lr", args.learning_rate)
-        options.setdefault("weight_decay", args.weight_decay)
-        targets = getattr(args, "optim_target_modules", None)
-        if spec.matrix_keys and targets is not None:
-            options.setdefault("target_modules", targets)
-    return OptimlibFactory, {"name": name, **options}
+    return OptimlibFactory, trainer_options(name, args, **kwargs)
 

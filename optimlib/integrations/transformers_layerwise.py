@@ -168,13 +168,13 @@ def layerwise_optimizers(model: torch.nn.Module, name: str, args: Any, *,
     a callable that builds one from the returned optimizer.  Build the pair after the model is
     on its device, and pass the same ``args`` to the Trainer.
     """
-    from optimlib.integrations.transformers import optimizer_cls_and_kwargs
+    from optimlib.integrations.trainer_options import trainer_options
     from optimlib.optim.factory import create_optimizer
 
     if args is None:
         raise ValueError("args: layer-wise training needs the Trainer's TrainingArguments (checked for "
                          "max_grad_norm, fp16, deepspeed and world_size)")
     check_layerwise_args(args)
-    _, options = optimizer_cls_and_kwargs(name, args, **optimizer_kwargs)
+    options = trainer_options(name, args, **optimizer_kwargs)
     optimizer = LayerwiseTrainerOptimizer(create_optimizer(model, **options), args)
     return optimizer, (lr_scheduler(optimizer) if lr_scheduler is not None else None)

@@ -204,7 +204,7 @@ LARGE_LAUNCHES = {
 @pytest.mark.distributed
 @pytest.mark.parametrize("launch_name", list(LARGE_LAUNCHES))
 def test_estimate_matches_two_ranks_large_models(launch_name, tmp_path):
-    """Issue 8's acceptance: weights, gradients and optimizer states of every optimizer on
+    """Weights, gradients and optimizer states of every optimizer on
     llama_60m and llama_130m, every rank of a 2-rank FSDP2 / ZeRO-2 / ZeRO-3 run, within 2 %
     (low-rank methods with the randomized basis, which has the exact SVD's bytes)."""
     from conftest import launch
