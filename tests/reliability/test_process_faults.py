@@ -39,6 +39,22 @@ def _wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 24
         time.sleep(0.05)
 
 
+def _kill_local_rank_1(proc: subprocess.Popen) -> None:
+    """``kill -9`` of the worker with ``LOCAL_RANK=1`` among the torchrun ``proc``'s children."""
+    victims = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if c.environ().get("LOCAL_RANK") == "1"]
+    assert victims, "rank 1 not found"
+    os.kill(victims[0].pid, signal.SIGKILL)
+
+
+def _assert_same_losses(reference: Path, out: Path) -> None:
+    """Every step logged, each loss within 2e-5 of the uninterrupted 2-rank run's."""
+    ref, got = train_losses(reference), train_losses(out)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5), (step, ref[step], got[step])
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
@@ -78,17 +94,11 @@ def test_kill_9_of_one_torchrun_rank_then_relaunch_finishes_the_same(tmp_path):
     proc = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                    f"--master_port={free_port()}", str(PRETRAIN), *fsdp_run, f"out_dir={out}"])
     _wait_for_checkpoint(out / "checkpoints", proc)
-    victims = [c for c in psutil.Process(proc.pid).children(recursive=True)
-               if c.environ().get("LOCAL_RANK") == "1"]
-    assert victims, "rank 1 not found"
-    os.kill(victims[0].pid, signal.SIGKILL)
+    _kill_local_rank_1(proc)
     proc.communicate(timeout=300)
     assert proc.returncode != 0                      # torchrun tears the job down
     launch(PRETRAIN, [*fsdp_run, f"out_dir={out}", "resume=auto"], launcher="torchrun")
-    ref, got = train_losses(reference), train_losses(out)
-    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=2e-5), (step, ref[step], got[step])
+    _assert_same_losses(reference, out)
 
 
 @pytest.mark.distributed
@@ -103,15 +113,9 @@ def test_kill_9_of_one_torchrun_rank_restarts_in_place_and_finishes_the_same(tmp
     proc = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
                    f"--master_port={free_port()}", str(PRETRAIN), *fsdp_run, f"out_dir={out}"])
     _wait_for_checkpoint(out / "checkpoints", proc)
-    victims = [c for c in psutil.Process(proc.pid).children(recursive=True)
-               if c.environ().get("LOCAL_RANK") == "1"]
-    assert victims, "rank 1 not found"
-    os.kill(victims[0].pid, signal.SIGKILL)
+    _kill_local_rank_1(proc)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-4000:]      # the restart finished the run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] and Path(summary["resumed_from"]).parent == out / "checkpoints"
-    ref, got = train_losses(reference), train_losses(out)
-    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=2e-5), (step, ref[step], got[step])
+    _assert_same_losses(reference, out)
