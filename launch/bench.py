@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llama_60m")
     p.add_argument("--optimizers", default=None)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed rounds first (2: the compiled CPU twins compile, then specialise once)")
     p.add_argument("--gap", type=int, default=200, help="update_proj_gap for the amortized GaLore step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-peers", action="store_true")

@@ -65,15 +65,18 @@ def is_low_rank(name: str) -> bool:
 def optimizer_kwargs(name: str, model: str | LlamaConfig) -> dict:
     """The keyword arguments the benchmarks build registered optimizer ``name`` with.
 
-    Low-rank methods: the paper's rank for ``model``, ``update_proj_gap=200``, ``scale=0.25``
-    (each only if the method takes it); SGDP: ``momentum=0.9``; everything else: its defaults.
+    Low-rank methods: the GaLore paper's rank for ``model`` (not for a method whose registered
+    rank is 1: APOLLO-Mini is defined by it), and ``update_proj_gap=200``, ``scale=0.25`` where the
+    method takes them and registers no default of its own; SGDP: ``momentum=0.9``; everything
+    else: its registered defaults.
     """
     spec = get_optimizer_spec(name)
     kwargs = dict(_OVERRIDES.get(spec.name, {}))
     if "rank" in spec.matrix_keys:
-        kwargs["rank"] = paper_rank(model)
+        if spec.defaults.get("rank") != 1:
+            kwargs["rank"] = paper_rank(model)
         for key, value in (("update_proj_gap", 200), ("scale", 0.25)):
-            if key in spec.matrix_keys:
+            if key in spec.matrix_keys and key not in spec.defaults:
                 kwargs[key] = value
     return kwargs
 
@@ -93,6 +96,9 @@ class Contender:
     note: str = ""
     module: str | None = None
     """The package a peer comes from (imported ahead of time by benchmarks that fork workers)."""
+    rule: str | None = None
+    """The registered optimizer whose update rule a peer runs (its memory-traffic floor is that
+    rule's, :mod:`optimlib.bench.traffic`); ``None`` for a peer with state of its own kind."""
 
 
 def _ours(name: str, model_name) -> Contender:
@@ -102,21 +108,21 @@ def _ours(name: str, model_name) -> Contender:
         return create_optimizer(model, name, lr=LR, **{**kwargs, **overrides})
 
     shown = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-    return Contender(name, "ours", build, low_rank=is_low_rank(name), note=shown)
+    return Contender(name, "ours", build, low_rank=is_low_rank(name), note=shown, rule=name)
 
 
 def _baseline(model_name) -> Contender:
     def build(model: nn.Module, **_):
         return create_optimizer(model, "adamw", lr=LR, foreach=True)
 
-    return Contender(BASELINE, "baseline", build, note="torch.optim.AdamW(foreach=True)")
+    return Contender(BASELINE, "baseline", build, note="torch.optim.AdamW(foreach=True)", rule="adamw")
 
 
 def _fused_baseline(model_name) -> Contender:
     def build(model: nn.Module, **_):
         return create_optimizer(model, "adamw", lr=LR, fused=True)
 
-    return Contender(FUSED, "baseline", build, note="torch.optim.AdamW(fused=True)")
+    return Contender(FUSED, "baseline", build, note="torch.optim.AdamW(fused=True)", rule="adamw")
 
 
 def _split(model: nn.Module, **matrix_options) -> list[dict]:
@@ -148,7 +154,7 @@ def _peers(model_name, device: torch.device) -> list[Contender]:
 
         found.append(Contender("galore_torch.GaLoreAdamW", "peer", galore_torch_adamw, low_rank=True,
                                note=f"galore-torch, rank={rank}, update_proj_gap=200, scale=0.25",
-                               module="galore_torch"))
+                               module="galore_torch", rule="galore_adamw"))
     if _importable("pytorch_optimizer"):
         def pytorch_optimizer_galore(model, update_proj_gap=200, **_):
             from pytorch_optimizer import GaLore
@@ -163,16 +169,17 @@ def _peers(model_name, device: torch.device) -> list[Contender]:
 
         found.append(Contender("pytorch_optimizer.GaLore", "peer", pytorch_optimizer_galore, low_rank=True,
                                note=f"pytorch_optimizer, rank={rank}, update_proj_gap=200, scale=0.25",
-                               module="pytorch_optimizer"))
+                               module="pytorch_optimizer", rule="galore_adamw"))
         found.append(Contender("pytorch_optimizer.AdamP", "peer", pytorch_optimizer_adamp, note="pytorch_optimizer",
-                               module="pytorch_optimizer"))
+                               module="pytorch_optimizer", rule="adamp"))
     if _importable("adamp"):
         def clovaai_adamp(model, **_):
             from adamp import AdamP
 
             return AdamP(_split(model), lr=LR)
 
-        found.append(Contender("adamp.AdamP", "peer", clovaai_adamp, note="clovaai adamp 0.3.0", module="adamp"))
+        found.append(Contender("adamp.AdamP", "peer", clovaai_adamp, note="clovaai adamp 0.3.0", module="adamp",
+                               rule="adamp"))
     if device.type == "cuda" and _importable("bitsandbytes"):
         def bnb_adam8bit(model, **_):
             import bitsandbytes as bnb
@@ -195,7 +202,8 @@ def _peers(model_name, device: torch.device) -> list[Contender]:
 
             return FusedAdam(_split(model), lr=LR)
 
-        found.append(Contender("apex.FusedAdam", "peer", apex_fused_adam, note="apex (CUDA)", module="apex"))
+        found.append(Contender("apex.FusedAdam", "peer", apex_fused_adam, note="apex (CUDA)", module="apex",
+                               rule="adamw"))
     return found
 
 

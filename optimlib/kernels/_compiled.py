@@ -16,8 +16,11 @@ fp32).  The eager twin, bit-exact with the reference packages, is what runs belo
 
 Compilation happens at the first large call of each twin (seconds; inductor caches the code on
 disk for later processes), with dynamic shapes and symbolic scalars, so neither a new shape nor
-a new step's bias correction recompiles it.  Where compilation fails (no C++ compiler, say) the
-twin warns once and stays eager.
+a new step's bias correction recompiles it.  A scalar that changes every step and reaches an
+``alpha=``/``value=`` argument (a step size, a scheduled learning rate) would be specialised
+instead, one compilation per value: a twin names such arguments in ``tensor_scalars``, they reach
+the compiled twin as 0-d float64 tensors, and the twin applies them with :func:`add_scaled_`.
+Where compilation fails (no C++ compiler, say) the twin warns once and stays eager.
 """
 
 from __future__ import annotations
@@ -40,21 +43,31 @@ def enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _worth_compiling(args, kwargs) -> bool:
-    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    return (bool(tensors) and all(t.device.type == "cpu" for t in tensors)
-            and max(t.numel() for t in tensors) >= MIN_NUMEL)
+def worth_compiling(tensors, min_numel: int = MIN_NUMEL) -> bool:
+    """Whether a call on ``tensors`` should run compiled: all on the CPU, the largest of at least
+    ``min_numel`` elements, compilation enabled and not already inside a ``torch.compile``."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    return (enabled() and not torch.compiler.is_compiling() and bool(tensors)
+            and all(t.device.type == "cpu" for t in tensors) and max(t.numel() for t in tensors) >= min_numel)
 
 
-def fused_twin(twin: Callable) -> Callable:
-    """``twin`` (an optimizer step's twin: no autograd through it), compiled when called on large
-    CPU tensors (see the module docstring)."""
+def add_scaled_(out: torch.Tensor, x: torch.Tensor, alpha) -> torch.Tensor:
+    """``out.add_(x, alpha=alpha)`` for a number ``alpha`` (the eager twin's own expression); for a
+    0-d tensor (a compiled twin's ``tensor_scalars``) ``out.add_(x * alpha)``."""
+    if isinstance(alpha, torch.Tensor):
+        return out.add_(x * alpha)
+    return out.add_(x, alpha=alpha)
+
+
+def fused_twin(twin: Callable, *, min_numel: int = MIN_NUMEL, tensor_scalars: tuple[str, ...] = ()) -> Callable:
+    """``twin`` (an optimizer step's twin: no autograd through it), compiled when called on CPU
+    tensors of at least ``min_numel`` elements; the keyword arguments named in ``tensor_scalars``
+    reach the compiled twin as 0-d float64 tensors (see the module docstring)."""
     compiled: list = []
 
     @functools.wraps(twin)
     def call(*args, **kwargs):
-        if (not enabled() or torch.compiler.is_compiling() or compiled == [None]
-                or not _worth_compiling(args, kwargs)):
+        if compiled == [None] or not worth_compiling((*args, *kwargs.values()), min_numel):
             return twin(*args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(twin, dynamic=True, fullgraph=True))
@@ -64,7 +77,9 @@ def fused_twin(twin: Callable) -> Callable:
             args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
             kwargs = {k: a.detach() if isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
             with torch.no_grad():
-                return compiled[0](*args, **kwargs)
+                scalars = {k: torch.tensor(float(kwargs[k]), dtype=torch.float64) for k in tensor_scalars
+                           if isinstance(kwargs.get(k), (int, float))}
+                return compiled[0](*args, **{**kwargs, **scalars})
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager twin is always right
             compiled[0] = None
             warnings.warn(f"optimlib: compiling {twin.__name__} failed ({type(exc).__name__}: {exc}); "

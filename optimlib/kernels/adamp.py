@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from optimlib.kernels._compiled import fused_twin
+from optimlib.kernels._compiled import add_scaled_, fused_twin
 from optimlib.kernels._dispatch import (as_2d, cast_rn, cdiv, index_dtype, jit, launch, next_pow2, resolve_backend,
                                         round_through, tl, use_triton)
 from optimlib.kernels.adam import _adam_math, adam_update_reference
@@ -72,11 +72,11 @@ def adamp_apply_reference(weight, exp_avg, exp_avg_sq, grad, coef, decay, *, ste
                  nesterov=nesterov)
     u = u - weight * coef[:, None].to(u.dtype)
     weight.mul_(decay)
-    weight.add_(u, alpha=-step_size)
+    add_scaled_(weight, u, -step_size)
 
 
 _stats_fused = fused_twin(adamp_stats_reference)
-_apply_fused = fused_twin(adamp_apply_reference)
+_apply_fused = fused_twin(adamp_apply_reference, tensor_scalars=("step_size",))
 
 
 # ----------------------------------------------------------------------------- Triton

@@ -25,7 +25,7 @@ cuBLAS / MKL, so kernel and twin agree to rounding, not bitwise.
 
 import torch
 
-from optimlib.kernels._compiled import fused_twin
+from optimlib.kernels._compiled import add_scaled_, fused_twin
 from optimlib.kernels._dispatch import (cast_rn, cdiv, dot_precision, index_dtype, interpreted, jit, launch,
                                         next_pow2, resolve_backend, round_through, tile_indices, tile_matmul, tl,
                                         use_triton)
@@ -41,14 +41,14 @@ def galore_backproject_reference(W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     if decay_first:
         if weight_decay > 0.0:
             W.mul_(1 - lr * weight_decay * wd_factor)
-        W.add_(update, alpha=-step_size)
+        add_scaled_(W, update, -step_size)
         return
-    W.add_(update, alpha=-step_size)
+    add_scaled_(W, update, -step_size)
     if weight_decay > 0.0:
-        W.add_(W, alpha=-lr * weight_decay)
+        add_scaled_(W, W, -lr * weight_decay)
 
 
-_backproject_fused = fused_twin(galore_backproject_reference)
+_backproject_fused = fused_twin(galore_backproject_reference, tensor_scalars=("step_size", "lr"))
 
 
 @jit

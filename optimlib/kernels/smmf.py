@@ -31,12 +31,15 @@ atomics, deterministic).
 Reference twin: :func:`smmf_update_reference`, built from :func:`smmf_decompress` and
 :func:`smmf_factor_sums_`, which :mod:`optimlib.optim.smmf` also uses for its refresh-time
 (de)compression -- one implementation; the kernel agrees to rounding (sums in another order).
+On the CPU, matrices of at least 128 Ki elements run the same step compiled, in cache-sized row
+blocks (:mod:`optimlib.kernels._smmf_blocked`).
 """
 
 from typing import Optional
 
 import torch
 
+from optimlib.kernels._smmf_blocked import smmf_update_blocked, use_blocked
 from optimlib.kernels._dispatch import cdiv, index_dtype, jit, launch, next_pow2, resolve_backend, tl, use_triton
 from optimlib.formats.bitpack import pack_bits, unpack_bits
 
@@ -206,6 +209,9 @@ def _smmf_op(grad: torch.Tensor, exp_avg_sq_row: torch.Tensor, exp_avg_sq_col: t
     tensors = (grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_row, exp_avg_col, exp_avg_sign)
     if use_triton(backend, tensors):
         return _smmf_triton(*tensors, beta1, beta2, eps, pad_from)
+    if use_blocked(grad):
+        return smmf_update_blocked(*tensors, beta1=beta1, beta2=beta2, eps=eps, pad_from=pad_from,
+                                   reference=smmf_update_reference)
     return smmf_update_reference(*tensors, beta1=beta1, beta2=beta2, eps=eps, pad_from=pad_from)
 
 

@@ -87,6 +87,12 @@ def test_step_llama_tiny(tmp_path):
     g = rows["galore_adamw"]
     assert g["refresh"] > 0 and g["amortized"] == pytest.approx((g["refresh"] + 9 * g["ordinary"]) / 10)
     assert "galore_adamw_amortized_vs_adamw_foreach" in result["targets"]
+    assert len(result["bandwidth_bytes_per_s"]) == 2 and min(result["bandwidth_bytes_per_s"]) > 0
+    assert rows["torch_adamw_foreach"]["floor_bytes_per_param"] == pytest.approx(28.0, rel=1e-3)
+    for row in rows.values():
+        assert 0 < row["of_floor"] < 10
+    if "galore_torch.GaLoreAdamW" in rows:      # a peer takes the floor of the rule it runs
+        assert rows["galore_torch.GaLoreAdamW"]["floor_bytes"] == g["floor_bytes"]
 
 
 def test_refresh_small(tmp_path):

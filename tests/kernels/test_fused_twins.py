@@ -12,6 +12,7 @@ from optimlib.kernels import _compiled
 from optimlib.kernels.adam import _adam_fused
 from optimlib.kernels.adamp import _apply_fused, _stats_fused
 from optimlib.kernels.galore import _backproject_fused
+from optimlib.optim.galore.rules import _dense_tensor_fused
 
 pytestmark = pytest.mark.slow        # compiles (seconds, once per process)
 
@@ -49,8 +50,15 @@ def _run_backproject(fused, shape):
     return (W,)
 
 
+def _run_galore_dense(fused, shape):
+    m, v, g, w = _tensors(shape)
+    fused(_dense_tensor_fused)(w, g, m, v, beta1=0.9, beta2=0.999, eps=1e-6, step_size=1e-2, lr=1e-2,
+                               weight_decay=0.1)
+    return w, m, v
+
+
 CASES = {"adamp": lambda f, s: _run_adamp(f, s, False), "adamp-nesterov": lambda f, s: _run_adamp(f, s, True),
-         "adam": _run_adam, "galore-backproject": _run_backproject}
+         "adam": _run_adam, "galore-backproject": _run_backproject, "galore-dense": _run_galore_dense}
 FUSED, EAGER = (lambda op: op), (lambda op: op.eager)
 
 
@@ -75,3 +83,71 @@ def test_small_calls_and_the_switch_keep_the_eager_twin_bit_exact(case, monkeypa
     monkeypatch.setenv(_compiled.ENV_VAR, "0")
     for got, want in zip(CASES[case](FUSED, LARGE), CASES[case](EAGER, LARGE)):
         assert torch.equal(got, want)
+
+
+def test_a_changing_step_size_does_not_recompile_each_step():
+    """A step size (or scheduled learning rate) reaches the compiled twin as a tensor: twelve
+    distinct values stay within torch.compile's recompile limit (eight), so no fallback warns."""
+    m, v, g, w = _tensors(LARGE)
+    coef = torch.linspace(0, 0.05, LARGE[0])
+    want = w.clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 13):
+            size = 1e-2 / (1 - 0.9 ** step)
+            _apply_fused(w, m, v, g, coef, torch.tensor(0.999), step_size=size, beta1=0.9, eps=1e-8,
+                         bias_correction2_sqrt=0.2, nesterov=False)
+            _apply_fused.eager(want, m.clone(), v.clone(), g, coef, torch.tensor(0.999), step_size=size, beta1=0.9,
+                               eps=1e-8, bias_correction2_sqrt=0.2, nesterov=False)
+    assert not [str(x.message) for x in caught if "optimlib: compiling" in str(x.message)]
+    torch.testing.assert_close(w, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+
+
+# ----------------------------------------------------------------------------- SMMF in row blocks
+SMMF_LARGE = [(520, 261, None), (700, 513, 700 * 513 - 100)]   # >= MIN_NUMEL; odd width; virtual padding
+
+
+def _smmf_case(R, n, momentum=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(R, n, generator=gen)
+    state = dict(exp_avg_sq_row=torch.rand(R, generator=gen), exp_avg_sq_col=torch.rand(n, generator=gen))
+    if momentum:
+        state.update(exp_avg_row=torch.rand(R, generator=gen), exp_avg_col=torch.rand(n, generator=gen),
+                     exp_avg_sign=torch.randint(0, 256, ((R * n + 7) // 8,), dtype=torch.uint8, generator=gen))
+    return grad, state
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("R,n,pad", SMMF_LARGE)
+def test_smmf_row_blocks_match_the_reference(R, n, pad, momentum):
+    from optimlib.kernels._smmf_blocked import use_blocked
+    from optimlib.kernels.smmf import smmf_update_, smmf_update_reference
+
+    grad, got_state = _smmf_case(R, n, momentum)
+    want_state = {k: t.clone() for k, t in got_state.items()}
+    assert use_blocked(grad)
+    beta1 = 0.9 if momentum else None
+    d, col = smmf_update_(grad, beta1=beta1, beta2=0.99, eps=1e-8, pad_from=pad, **got_state)
+    want_d, want_col = smmf_update_reference(
+        grad, want_state["exp_avg_sq_row"], want_state["exp_avg_sq_col"], want_state.get("exp_avg_row"),
+        want_state.get("exp_avg_col"), want_state.get("exp_avg_sign"), beta1=beta1 or 0.0, beta2=0.99, eps=1e-8,
+        pad_from=R * n if pad is None else pad)
+    for got, want in [(d, want_d), (col, want_col)] + [(got_state[k], want_state[k]) for k in got_state
+                                                        if k.endswith("_row")]:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6 * float(want.abs().max()))
+    if momentum:   # a sign may differ only where |M| rounds to about zero: none in random data
+        assert torch.equal(got_state["exp_avg_sign"], want_state["exp_avg_sign"])
+
+
+def test_smmf_switch_keeps_the_reference_bit_exact(monkeypatch):
+    from optimlib.kernels.smmf import smmf_update_, smmf_update_reference
+
+    monkeypatch.setenv(_compiled.ENV_VAR, "0")
+    grad, got_state = _smmf_case(520, 261)
+    want_state = {k: t.clone() for k, t in got_state.items()}
+    d, col = smmf_update_(grad, beta1=0.9, beta2=0.99, eps=1e-8, **got_state)
+    want_d, want_col = smmf_update_reference(grad, *(want_state[k] for k in (
+        "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_row", "exp_avg_col", "exp_avg_sign")), beta1=0.9, beta2=0.99,
+        eps=1e-8, pad_from=520 * 261)
+    assert torch.equal(d, want_d) and torch.equal(col, want_col)
+    assert all(torch.equal(got_state[k], want_state[k]) for k in got_state)

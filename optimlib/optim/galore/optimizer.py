@@ -178,6 +178,11 @@ class GaLoreAdamW(OptimizerBase):
             cache[id(group)] = hit
         return hit[1]
 
+    @staticmethod
+    def second_pass_reads(group) -> int:
+        """The inner rule's second reads of parameter-sized tensors (:mod:`optimlib.bench.traffic`)."""
+        return INNER_RULES[group["inner"]].second_pass_reads
+
     @classmethod
     def state_specs(cls, group, place: Placement, state=None) -> list[StateSpec]:
         """The declared state of one parameter (:mod:`optimlib.optim.state_spec`): a projected one's

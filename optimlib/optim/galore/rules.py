@@ -29,6 +29,7 @@ import torch
 
 from optimlib.distributed.layout import to_local
 from optimlib.distributed.row_block import RowBlock
+from optimlib.kernels._compiled import add_scaled_, fused_twin, worth_compiling
 from optimlib.kernels.galore import galore_backproject_update_
 from optimlib.optim._common import ParamUnit, write_rows_
 from optimlib.optim.adamp import adamp_param_, scale_invariant_projection
@@ -59,8 +60,18 @@ def galore_adamw_dense_(params: list[torch.Tensor], grads: list[torch.Tensor], e
     The element-wise passes run as ``torch._foreach_*`` multi-tensor ops (one launch per pass for
     all the tensors on CUDA, one C++ loop on CPU), each pass the same kernel as galore-torch's
     per-tensor line, so the result is galore-torch's to the bit; ``sqrt(v) + eps`` and the
-    direction share one temporary per tensor.
+    direction share one temporary per tensor.  Large CPU tensors (an embedding, an output layer)
+    take galore-torch's per-tensor lines compiled into one loop instead
+    (:mod:`optimlib.kernels._compiled`: equal to float rounding).
     """
+    compiled = [i for i, p in enumerate(params) if worth_compiling((p,))]
+    for i in compiled:
+        _dense_tensor_fused(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], beta1=beta1, beta2=beta2, eps=eps,
+                            step_size=adam_step_size(lr, beta1, beta2, steps[i], correct_bias), lr=lr,
+                            weight_decay=weight_decay)
+    if compiled:
+        params, grads, exp_avgs, exp_avg_sqs, steps = (
+            [x for i, x in enumerate(xs) if i not in compiled] for xs in (params, grads, exp_avgs, exp_avg_sqs, steps))
     if not params:
         return
     torch._foreach_mul_(exp_avgs, beta1)
@@ -81,6 +92,19 @@ def galore_adamw_dense_(params: list[torch.Tensor], grads: list[torch.Tensor], e
     del directions, by_step
     if weight_decay > 0.0:
         torch._foreach_add_(params, params, alpha=-lr * weight_decay)
+
+
+def _dense_tensor(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, beta1: float, beta2: float,
+                  eps: float, step_size, lr, weight_decay: float) -> None:
+    """galore-torch's AdamW lines on one tensor (the twin :func:`galore_adamw_dense_` compiles)."""
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    add_scaled_(p, m / v.sqrt().add_(eps), -step_size)
+    if weight_decay > 0.0:
+        add_scaled_(p, p, -lr * weight_decay)
+
+
+_dense_tensor_fused = fused_twin(_dense_tensor, tensor_scalars=("step_size", "lr"))
 
 
 class DenseBatch:
@@ -107,6 +131,9 @@ class InnerRule:
 
     name = "adamw"
     decay_first = False
+    #: parameter-sized tensors the rule reads a second time per matrix and step
+    #: (:mod:`optimlib.bench.traffic`)
+    second_pass_reads = 0
     #: the rule's own group keys and their defaults (a group without one takes the default)
     options: dict = {}
 
@@ -182,6 +209,7 @@ class AdamPRule(InnerRule):
     projection act on the back-projected full-size update, against the weight and the gradient."""
 
     name = "adamp"
+    second_pass_reads = 2      # the weight and the back-projected update, for the cosines
 
     def direction(self, moments, low, t, group):
         beta1, beta2 = group["betas"]
