@@ -46,7 +46,8 @@ from optimlib.kernels._dispatch import (as_2d, cast_rn, cdiv, index_dtype, jit, 
 from optimlib.kernels.adam import _adam_math, adam_update_reference
 
 __all__ = ["adamp_update_", "adamp_stats_", "adamp_coefficients", "adamp_apply_", "adamp_stats_reference",
-           "adamp_apply_reference"]
+           "adamp_apply_reference", "projection_stats", "projected_apply_reference", "projection_stats_fused",
+           "projected_apply_fused"]
 
 
 # ----------------------------------------------------------------------------- reference twins
@@ -62,8 +63,24 @@ def adamp_stats_reference(exp_avg, exp_avg_sq, grad, weight, *, beta1, beta2, ep
                           nesterov) -> torch.Tensor:
     u = adam_update_reference(exp_avg, exp_avg_sq, grad, beta1=beta1, beta2=beta2, eps=eps,
                               bias_correction2_sqrt=bias_correction2_sqrt, nesterov=nesterov)
-    g, w, u = grad.float(), weight.float(), u.float()
+    return projection_stats(grad, weight, u)
+
+
+def projection_stats(grad, weight, update) -> torch.Tensor:
+    """The ``(R, 4)`` per-row sums ``[g.g, w.w, g.w, w.u]`` (float32) the scale-invariance test and the
+    projection need (:func:`adamp_coefficients`); AdamP's and SGDP's statistics pass."""
+    g, w, u = grad.float(), weight.float(), update.float()
     return torch.stack([(g * g).sum(1), (w * w).sum(1), (g * w).sum(1), (w * u).sum(1)], dim=1)
+
+
+def projected_apply_reference(weight, update, coef, decay, *, lr, write_update: bool) -> None:
+    """SGDP's apply pass: ``d = u - coef w`` (per row), ``w <- w * decay - lr d``; with
+    ``write_update`` ``d`` is also written into ``update`` (SGDP's projected momentum buffer)."""
+    d = update - weight * coef[:, None].to(update.dtype)
+    if write_update:
+        update.copy_(d)
+    weight.mul_(decay)
+    add_scaled_(weight, d, -lr)
 
 
 def adamp_apply_reference(weight, exp_avg, exp_avg_sq, grad, coef, decay, *, step_size, beta1, eps,
@@ -77,6 +94,8 @@ def adamp_apply_reference(weight, exp_avg, exp_avg_sq, grad, coef, decay, *, ste
 
 _stats_fused = fused_twin(adamp_stats_reference)
 _apply_fused = fused_twin(adamp_apply_reference, tensor_scalars=("step_size",))
+projection_stats_fused = fused_twin(projection_stats)
+projected_apply_fused = fused_twin(projected_apply_reference, tensor_scalars=("lr",))
 
 
 # ----------------------------------------------------------------------------- Triton

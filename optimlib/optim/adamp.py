@@ -40,7 +40,9 @@ import torch.distributed as dist
 from optimlib.distributed.layout import to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.kernels._dispatch import as_2d
-from optimlib.kernels.adamp import adamp_apply_, adamp_coefficients, adamp_stats_
+from optimlib.kernels._compiled import worth_compiling
+from optimlib.kernels.adamp import (adamp_apply_, adamp_coefficients, adamp_stats_, projected_apply_fused,
+                                    projection_stats_fused)
 from optimlib.optim._common import OptimizerBase, ParamUnit, write_rows_
 from optimlib.optim.state_spec import Placement, StateSpec, elementwise, step_spec
 from optimlib.validation import check_betas, check_real
@@ -210,6 +212,12 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor],
             d_p = grad + momentum * buf if nesterov else buf
 
         wd = 1.0
+        if len(shape) > 1 and piece.numel and worth_compiling((param,)):
+            block = RowBlock(channel_view_shape(shape), piece)
+            if block.aligned and all(t.is_contiguous() for t in (param, grad, d_p)):
+                _sgdp_compiled_(param, grad, d_p, block, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                delta=delta, wd_ratio=wd_ratio, eps=eps, write_update=buf_is_direction)
+                continue
         if len(shape) > 1 and piece.numel:
             d_p, wd, projected = _project_local(grad, param, d_p, shape, piece, delta=delta,
                                                 wd_ratio=wd_ratio, eps=eps)
@@ -220,6 +228,19 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor],
         if weight_decay > 0:
             param.mul_(1 - lr * weight_decay * wd / (1 - momentum))
         param.add_(d_p, alpha=-lr)
+
+
+def _sgdp_compiled_(param, grad, update, block: RowBlock, *, lr, momentum, weight_decay, delta, wd_ratio, eps,
+                    write_update: bool) -> None:
+    """SGDP's projection and update of a large CPU matrix in two compiled passes (the row statistics,
+    then the apply) around :func:`~optimlib.kernels.adamp.adamp_coefficients`: AdamP's structure,
+    equal to :func:`_project_local`'s result to float rounding."""
+    w, g, u = block.rows_many([param, grad, update])
+    stats = projection_stats_fused(g, w, u)
+    coef, decay = adamp_coefficients(stats, num_rows=block.shape[0], num_cols=block.shape[1], lr=lr,
+                                     weight_decay=weight_decay / (1 - momentum), delta=delta, wd_ratio=wd_ratio,
+                                     eps=eps, combine=_combine_over(block) if block.distributed else None)
+    projected_apply_fused(w, u, coef, decay, lr=lr, write_update=write_update)
 
 
 # ----------------------------------------------------------------------------- helpers shared by the classes
