@@ -65,26 +65,34 @@ def fused_twin(twin: Callable, *, min_numel: int = MIN_NUMEL, tensor_scalars: tu
     reach the compiled twin as 0-d float64 tensors (see the module docstring)."""
     compiled: list = []
 
-    @functools.wraps(twin)
-    def call(*args, **kwargs):
-        if compiled == [None] or not worth_compiling((*args, *kwargs.values()), min_numel):
+    def unchecked(*args, **kwargs):
+        """The compiled twin without the per-call checks, for a caller that has decided to compile,
+        holds ``torch.no_grad()`` and passes detached tensors (a loop over blocks)."""
+        if compiled == [None]:
             return twin(*args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(twin, dynamic=True, fullgraph=True))
         try:
-            # optimizer math on parameters and their views: detached aliases (same storage) keep
-            # autograd's view tracking out of the compiled graph
-            args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-            kwargs = {k: a.detach() if isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
-            with torch.no_grad():
-                scalars = {k: torch.tensor(float(kwargs[k]), dtype=torch.float64) for k in tensor_scalars
-                           if isinstance(kwargs.get(k), (int, float))}
-                return compiled[0](*args, **{**kwargs, **scalars})
+            return compiled[0](*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager twin is always right
             compiled[0] = None
             warnings.warn(f"optimlib: compiling {twin.__name__} failed ({type(exc).__name__}: {exc}); "
-                          f"it runs eagerly (set {ENV_VAR}=0 to skip the attempt)", RuntimeWarning, stacklevel=2)
+                          f"it runs eagerly (set {ENV_VAR}=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
             return twin(*args, **kwargs)
 
+    @functools.wraps(twin)
+    def call(*args, **kwargs):
+        if compiled == [None] or not worth_compiling((*args, *kwargs.values()), min_numel):
+            return twin(*args, **kwargs)
+        # optimizer math on parameters and their views: detached aliases (same storage) keep
+        # autograd's view tracking out of the compiled graph
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: a.detach() if isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
+        with torch.no_grad():
+            scalars = {k: torch.tensor(float(kwargs[k]), dtype=torch.float64) for k in tensor_scalars
+                       if isinstance(kwargs.get(k), (int, float))}
+            return unchecked(*args, **{**kwargs, **scalars})
+
+    call.unchecked = unchecked
     call.eager = twin
     return call

@@ -28,7 +28,7 @@ import torch
 
 from optimlib.kernels._compiled import MIN_NUMEL, fused_twin, worth_compiling
 
-__all__ = ["smmf_update_blocked", "use_blocked", "BLOCK_NUMEL"]
+__all__ = ["smmf_update_blocked", "use_blocked", "apply_rows", "BLOCK_NUMEL"]
 
 BLOCK_NUMEL = 1 << 17
 """Elements per row block (about 128 Ki: its float rows, signs and direction stay in cache)."""
@@ -66,35 +66,57 @@ def _block_step(grad: torch.Tensor, rv: torch.Tensor, cv: torch.Tensor, rm: torc
 _block_step_fused = fused_twin(_block_step, min_numel=0)
 
 
+def apply_rows(apply, r0: int, r1: int, d: torch.Tensor) -> None:
+    """``w <- w (1 - lr wd) - lr d`` on rows ``[r0, r1)`` of ``apply = (weight_rows, lr, weight_decay)``
+    (the eager lines of :func:`optimlib.optim.smmf.smmf_param_`, block by block)."""
+    weight, lr, weight_decay = apply
+    rows = weight[r0:r1]
+    if weight_decay > 0:
+        rows.mul_(1 - lr * weight_decay)
+    rows.add_(d.to(rows.dtype), alpha=-lr)
+
+
 def smmf_update_blocked(grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_row, exp_avg_col, exp_avg_sign, *,
-                        beta1: float, beta2: float, eps: float, pad_from: int, reference):
+                        beta1: float, beta2: float, eps: float, pad_from: int, reference, apply=None):
     """:func:`~optimlib.kernels.smmf.smmf_update_reference`'s contract, computed block by block
-    (see the module docstring); ``reference`` is that function, which runs the padded tail."""
+    (see the module docstring); ``reference`` is that function, which runs the padded tail.
+
+    ``apply = (weight_rows, lr, weight_decay)``: instead of returning the direction, apply it to
+    ``weight_rows`` (laid out like ``grad``) block by block, while it is in cache; the direction
+    returned is then ``None``.
+    """
     R, n = grad.shape
     momentum = exp_avg_row is not None
     rows = max(8, BLOCK_NUMEL // n // 8 * 8)
     whole = min(R, pad_from // n) // rows * rows          # blocks before any padding
-    d = torch.empty((R, n), dtype=torch.float32, device=grad.device)
+    d = torch.empty((rows if apply else R, n), dtype=torch.float32, device=grad.device)
     col = torch.zeros((2 if momentum else 1, n), dtype=torch.float32, device=grad.device)
-    if whole:
-        signs = torch.empty((rows * n // 8, 8), dtype=torch.float32) if momentum else None
-        positive = torch.empty((rows, n), dtype=torch.int32) if momentum else None
-    for r0 in range(0, whole, rows):
-        r1 = r0 + rows
-        b0, b1 = r0 * n // 8, r1 * n // 8
-        if momentum:
-            torch.index_select(_SIGNS, 0, exp_avg_sign[b0:b1].int(), out=signs)
-        col += _block_step_fused(grad[r0:r1], exp_avg_sq_row[r0:r1], exp_avg_sq_col,
-                                 exp_avg_row[r0:r1] if momentum else None, exp_avg_col,
-                                 signs.view(rows, n) if momentum else None, d[r0:r1], positive, beta1, beta2, eps)
-        if momentum:
-            words = positive.view(-1).to(torch.uint8).view(torch.int64)
-            exp_avg_sign[b0:b1].copy_(((words * _PACK) >> 56).to(torch.uint8))
+    signs = torch.empty((rows * n // 8, 8), dtype=torch.float32) if momentum and whole else None
+    positive = torch.empty((rows, n), dtype=torch.int32) if momentum and whole else None
+    step = _block_step_fused.unchecked
+    with torch.no_grad():
+        for r0 in range(0, whole, rows):
+            r1 = r0 + rows
+            b0, b1 = r0 * n // 8, r1 * n // 8
+            if momentum:
+                torch.index_select(_SIGNS, 0, exp_avg_sign[b0:b1].int(), out=signs)
+            out = d if apply else d[r0:r1]
+            col += step(grad[r0:r1], exp_avg_sq_row[r0:r1], exp_avg_sq_col,
+                        exp_avg_row[r0:r1] if momentum else None, exp_avg_col,
+                        signs.view(rows, n) if momentum else None, out, positive, beta1, beta2, eps)
+            if momentum:
+                words = positive.view(-1).to(torch.uint8).view(torch.int64)
+                exp_avg_sign[b0:b1].copy_(((words * _PACK) >> 56).to(torch.uint8))
+            if apply:
+                apply_rows(apply, r0, r1, out)
     if whole < R:
         tail_d, tail_col = reference(grad[whole:], exp_avg_sq_row[whole:], exp_avg_sq_col,
                                      exp_avg_row[whole:] if momentum else None, exp_avg_col,
                                      exp_avg_sign[whole * n // 8:] if momentum else None,
                                      beta1=beta1, beta2=beta2, eps=eps, pad_from=pad_from - whole * n)
-        d[whole:] = tail_d
+        if apply:
+            apply_rows(apply, whole, R, tail_d)
+        else:
+            d[whole:] = tail_d
         col += tail_col
-    return d, col
+    return (None if apply else d), col

@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from optimlib.kernels._smmf_blocked import smmf_update_blocked, use_blocked
+from optimlib.kernels._smmf_blocked import apply_rows, smmf_update_blocked, use_blocked
 from optimlib.kernels._dispatch import cdiv, index_dtype, jit, launch, next_pow2, resolve_backend, tl, use_triton
 from optimlib.formats.bitpack import pack_bits, unpack_bits
 
@@ -227,8 +227,12 @@ def smmf_update_(grad: torch.Tensor, *, exp_avg_sq_row: torch.Tensor, exp_avg_sq
                  beta2: float, eps: float, exp_avg_row: torch.Tensor | None = None,
                  exp_avg_col: torch.Tensor | None = None, exp_avg_sign: torch.Tensor | None = None,
                  beta1: float | None = None, pad_from: int | None = None,
-                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 backend: str | None = None, apply: tuple | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One SMMF step on ``(R, n)`` owned rows; returns ``(direction, column_sums)``.
+
+    ``apply = (weight_rows, lr, weight_decay)`` (``weight_rows`` shaped like ``grad``): apply the
+    direction as SMMF does, ``w <- w (1 - lr wd) - lr d``, and return ``None`` for it; on the CPU's
+    row blocks the direction of a block is applied while it is in cache and never stored whole.
 
     Updates ``exp_avg_sq_row``, ``exp_avg_row`` (row sums, fp32 ``(R,)``) and ``exp_avg_sign``
     (packed bytes of the ``R n`` signs) in place; reads the column factors ``exp_avg_sq_col``,
@@ -257,5 +261,17 @@ def smmf_update_(grad: torch.Tensor, *, exp_avg_sq_row: torch.Tensor, exp_avg_sq
                                      or not exp_avg_sign.is_contiguous()):
         raise ValueError(f"exp_avg_sign must be a contiguous uint8 tensor of at least {(R * n + 7) // 8} bytes")
     pad = R * n if pad_from is None else max(0, min(int(pad_from), R * n))
-    return _smmf_op(grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_row, exp_avg_col, exp_avg_sign,
-                    float(beta1) if momentum else 0.0, float(beta2), float(eps), pad, resolve_backend(backend))
+    tensors = (grad, exp_avg_sq_row, exp_avg_sq_col, exp_avg_row, exp_avg_col, exp_avg_sign)
+    backend = resolve_backend(backend)
+    b1 = float(beta1) if momentum else 0.0
+    if apply is not None:
+        if tuple(apply[0].shape) != (R, n):
+            raise ValueError(f"apply's weight rows must have the gradient's shape {(R, n)}, got {tuple(apply[0].shape)}")
+        if not use_triton(backend, tensors) and use_blocked(grad):
+            return smmf_update_blocked(*tensors, beta1=b1, beta2=float(beta2), eps=float(eps), pad_from=pad,
+                                       reference=smmf_update_reference, apply=apply)
+    d, col = _smmf_op(*tensors, b1, float(beta2), float(eps), pad, backend)
+    if apply is None:
+        return d, col
+    apply_rows(apply, 0, R, d)
+    return None, col

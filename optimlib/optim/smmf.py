@@ -141,7 +141,7 @@ def smmf_direction(grad_rows: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: 
                    exp_avg_sq_col: torch.Tensor, beta2: float, eps: float,
                    exp_avg_row: torch.Tensor | None = None, exp_avg_col: torch.Tensor | None = None,
                    exp_avg_sign: torch.Tensor | None = None, beta1: float | None = None,
-                   valid_numel: int | None = None) -> torch.Tensor:
+                   valid_numel: int | None = None, apply: tuple | None = None) -> torch.Tensor | None:
     """One SMMF moment update on this rank's owned rows; returns the update rows ``M / (sqrt(V) + eps)``.
 
     ``grad_rows``: the ``(R, n)`` rows ``[block.row_start, block.row_end)`` of the ``(m, n)``
@@ -156,7 +156,8 @@ def smmf_direction(grad_rows: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: 
     twin elsewhere); this function adds the all-reduce of its partial column sums and their
     normalisation.  Collective: one ``all_reduce`` of ``2 n`` (or ``n``) numbers when ``block``
     spans several ranks; every rank must call it.  The result is float32 (callers cast to the
-    parameter dtype).
+    parameter dtype).  ``apply = (weight_rows, lr, weight_decay)``: apply the update to the owned
+    weight rows instead (:func:`~optimlib.kernels.smmf_update_`) and return ``None``.
     """
     R, n = grad_rows.shape
     pad_from = None
@@ -164,7 +165,7 @@ def smmf_direction(grad_rows: torch.Tensor, block: RowBlock, *, exp_avg_sq_row: 
         pad_from = max(valid_numel - block.row_start * n, 0)
     direction, col_sums = smmf_update_(grad_rows, exp_avg_sq_row=exp_avg_sq_row, exp_avg_sq_col=exp_avg_sq_col,
                                        exp_avg_row=exp_avg_row, exp_avg_col=exp_avg_col, exp_avg_sign=exp_avg_sign,
-                                       beta1=beta1, beta2=beta2, eps=eps, pad_from=pad_from)
+                                       beta1=beta1, beta2=beta2, eps=eps, pad_from=pad_from, apply=apply)
     block.all_reduce(col_sums.view(-1))
     _store_columns(col_sums, exp_avg_sq_col=exp_avg_sq_col, exp_avg_col=exp_avg_col)
     return direction
@@ -289,6 +290,22 @@ class SMMFLayout:
         del g_rows
         return self.block.to_local(rows)[: self.count]
 
+    def owned_rows_of(self, local: torch.Tensor) -> torch.Tensor | None:
+        """``local`` (the piece) as the ``(R, cols)`` owned rows it exactly is -- no padding, rows
+        aligned, contiguous -- or ``None``."""
+        R = self.block.num_rows
+        if self.padded or not self.block.aligned or not local.is_contiguous() or local.numel() != R * self.cols:
+            return None
+        return local.view(R, self.cols)
+
+    def step_(self, grad: torch.Tensor, state: dict, weight_rows: torch.Tensor, *, beta1: float | None,
+              beta2: float, eps: float, lr: float, weight_decay: float) -> None:
+        """:meth:`update` and ``w <- w (1 - lr wd) - lr d`` on ``weight_rows`` (:meth:`owned_rows_of`)
+        in one pass (:func:`~optimlib.kernels.smmf_update_`'s ``apply``)."""
+        g_rows = self.block.rows(_ext_flat(grad, self.piece, self.ext))
+        smmf_direction(g_rows, self.block, beta1=beta1, beta2=beta2, eps=eps, apply=(weight_rows, lr, weight_decay),
+                       **self.factors(state))
+
     def read(self, state: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The decompressed moments ``(M_hat, V_hat)`` of the piece, flat float32 (``M_hat`` is
         ``None`` without a first moment)."""
@@ -363,6 +380,11 @@ def smmf_param_(local: torch.Tensor, grad: torch.Tensor, piece: FlatSlice, shape
     layout = SMMFLayout(numel, piece)
     if "exp_avg_sq_row" not in state:
         layout.init_state(state, param, momentum=beta is not None, device=local.device)
+    weight_rows = layout.owned_rows_of(local)
+    if weight_rows is not None:
+        layout.step_(grad, state, weight_rows, beta1=beta1, beta2=beta2, eps=eps, lr=lr,
+                     weight_decay=weight_decay if weight_decay_mode == "adamw" else 0.0)
+        return
     update = layout.update(grad, state, beta1=beta1, beta2=beta2, eps=eps)
     if weight_decay > 0 and weight_decay_mode == "adamw":
         local.mul_(1 - lr * weight_decay)

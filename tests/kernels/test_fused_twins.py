@@ -181,3 +181,20 @@ def test_sgdp_large_matrices_match_the_eager_path(orthogonal, nesterov, monkeypa
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6 * float(b.abs().max()))
     w0 = torch.randn(LARGE, generator=torch.Generator().manual_seed(3))
     assert (got[0] - w0).abs().max() > 1e-3           # the step moved the weight
+
+
+@pytest.mark.parametrize("R,n,pad", SMMF_LARGE)
+def test_smmf_apply_in_blocks_equals_applying_the_returned_direction(R, n, pad):
+    from optimlib.kernels.smmf import smmf_update_
+
+    grad, applied = _smmf_case(R, n)
+    returned = {k: t.clone() for k, t in applied.items()}
+    w = torch.randn(R, n, generator=torch.Generator().manual_seed(5))
+    w_applied = w.clone()
+    kw = dict(beta1=0.9, beta2=0.99, eps=1e-8, pad_from=pad)
+    d, col = smmf_update_(grad, **kw, **returned)
+    w.mul_(1 - 1e-2 * 0.1).add_(d, alpha=-1e-2)
+    none, col_applied = smmf_update_(grad, **kw, **applied, apply=(w_applied, 1e-2, 0.1))
+    assert none is None
+    assert torch.equal(w_applied, w) and torch.equal(col_applied, col)
+    assert all(torch.equal(applied[k], returned[k]) for k in applied)
