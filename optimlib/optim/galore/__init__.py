@@ -22,6 +22,11 @@ and 0-/1-D parameters, get the same AdamW update on the full gradient (galore-to
 ``eps`` is added to ``sqrt(V)`` before the bias correction and weight decay comes after the
 update, unlike ``torch.optim.AdamW``).
 
+Memory traffic (:mod:`optimlib.bench.traffic`), per fp32 element of a projected ``(m, n)`` weight
+with ``n <= m``: the gradient read (4 bytes) and the weight read and written (8) -- the two thin
+matmuls read them -- plus the low-rank moments and the basis, each ``r/n`` of the weight's size,
+read and written once; the ``adamp`` rule adds a second read of the weight and the update (8).
+
 Inner rules (``inner``, a constructor argument or a group key; ``galore_adamp`` / ``galore_smmf``
 in the factory).  The projection piece is the same for every rule; what runs on the projected
 gradient ``R`` (and, on the full gradient, for the parameters outside the low-rank groups) is:
