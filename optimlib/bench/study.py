@@ -26,6 +26,9 @@ Three phases, each resumable:
    ratio to the baseline's best, optimizer-state and parameter bytes (from the run's summary)
    and their ratios, step-time ratios; written as ``results.json``, ``results.md`` and
    ``study.png``.
+
+Methods added later join existing results without re-running the others: ``run.py --merge``,
+:mod:`optimlib.bench.study_merge` (each row then names the timing run of its step-time ratios).
 """
 
 from __future__ import annotations
@@ -271,6 +274,7 @@ def time_train_steps(study: Study, reps: int = 15, warmup: int = 3, log: Callabl
     for name in tasks:
         rows[name] = {"step": summarize(samples[name]), "optimizer": summarize(opt_times[name][warmup:])}
     return {"reps": reps, "warmup": warmup, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+            "measured": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "load_average_1m_start": load, "load_average_1m_end": os.getloadavg()[0], "torch": torch.__version__,
             "methods": rows, "samples": samples}
 
@@ -353,11 +357,25 @@ def results_markdown(result: dict) -> str:
             f"best of each method's lr grid by final eval loss; ratios to `{result['baseline']}`'s best run.  "
             f"{result['runs_finished']} of {result['runs_total']} runs finished; study started at commit "
             f"`{(start.get('commit') or '?')[:12]}`."]
-    if timing:
-        head.append(f"Step times: medians of {timing['reps']} interleaved rounds in one process "
-                    f"({timing['threads']} thread(s), {timing['cpu']}, load average "
-                    f"{timing['load_average_1m_start']:.1f} -> {timing['load_average_1m_end']:.1f}); "
-                    "\"train step\" is forward + backward + clipping + step (+ reparam after_step), "
+    merged = result.get("merged")
+    if merged:
+        kept = merged["kept_from"].get("start") or {}
+        check = merged["baseline_check"]
+        head.append(f"Merged (`run.py --merge`): the rows of {', '.join(merged['kept_methods'])} are kept from the "
+                    f"study started at commit `{(kept.get('commit') or '?')[:12]}`; the baseline `{check['method']}` "
+                    f"was run again and reproduced its final eval loss at lr "
+                    f"{', '.join(format(c['lr'], 'g') for c in check['runs'])} (tolerance {check['tolerance']:g}).")
+    runs = result.get("timing_runs") or ([{"id": "A", "timing": timing}] if timing else [])
+    for t in runs:
+        tm, st = t["timing"], t.get("start") or {}
+        which = (f"Step times, timing run {t['id']} (the study started at commit `{(st.get('commit') or '?')[:12]}`"
+                 f" on {(st.get('started') or '?')[:10]}; its rows' step-time ratios are to `{result['baseline']}` "
+                 "as timed in that run)" if len(runs) > 1 else "Step times")
+        head.append(f"{which}: medians of {tm['reps']} interleaved rounds in one process "
+                    f"({tm['threads']} thread(s), {tm['cpu']}, load average "
+                    f"{tm['load_average_1m_start']:.1f} -> {tm['load_average_1m_end']:.1f}).")
+    if runs:
+        head.append("\"train step\" is forward + backward + clipping + step (+ reparam after_step), "
                     "\"optimizer\" the last three.  The runs' own tokens/s ratio comes from different minutes of a "
                     "shared machine and is shown only as a cross-check.")
     columns = [("method", "method", None), ("kind", "kind", None), ("best_lr", "best lr", _f("g")),
@@ -368,6 +386,8 @@ def results_markdown(result: dict) -> str:
                ("optimizer_time_ratio", "optimizer part / AdamW", _f(".2f")),
                ("run_tokens_per_s_ratio", "run tokens/s / AdamW (noisy)", _f(".2f")),
                ("settings", "settings", None)]
+    if len(runs) > 1:
+        columns.insert(11, ("timing_run", "timing run", None))
     rows = [{**r, "best_lr": r["best_lr"], "method": r["method"] + ("" if r["configured"] else " (defaults)")
              + (" *" if r["best_lr_at_edge"] else "")} for r in result["rows"]]
     lines = head + ["", markdown_table(rows, columns), "",
@@ -439,6 +459,10 @@ def study_plot(result: dict, path: str | Path) -> Path:
     bars(axes[1][1], {"train step / AdamW": [r.get("step_time_ratio") for r in rows],
                       "optimizer part / AdamW": [r.get("optimizer_time_ratio") for r in rows]},
          "step time (interleaved medians, one process)", "ratio to AdamW")
+    if len(result.get("timing_runs") or []) > 1:   # ratios from several timing runs: name each row's
+        axes[1][1].set_title("step time (interleaved medians; [timing run] of each ratio)", fontsize=10)
+        axes[1][1].set_xticklabels([f"{r['method']} [{r.get('timing_run', '-')}]" for r in rows], rotation=35,
+                                   ha="right", fontsize=8)
     b = result["base"]
     fig.suptitle(f"CPU study: {b.get('model', {}).get('name')}, {b.get('train', {}).get('steps')} steps, "
                  f"{result['runs_finished']}/{result['runs_total']} runs", fontsize=11)

@@ -5,6 +5,13 @@ tokens, a 3-point learning-rate sweep each (see README.md here and ``optimlib/be
     .venv/bin/python recipes/cpu_study/run.py --report-only              # rebuild the report from the runs
     .venv/bin/python recipes/cpu_study/run.py --only smmf,sltrain --set train.steps=50 \\
         --runs runs/cpu_study_small --out /tmp/study_small                # a subset, shorter
+    nice -n 10 .venv/bin/python recipes/cpu_study/run.py --only fira_adamw --merge   # add to results.json
+
+``--merge`` keeps the rows of the existing ``<out>/results.json`` for the methods not run now
+(``optimlib/bench/study_merge.py``): it refuses, before training, when that file's base config or
+a kept method's settings differ from the study file's, and after the sweep when the re-run
+baseline does not reproduce its final eval loss; each row names the timing run its step-time
+ratios came from.
 
 Resumable: a run whose ``summary.json`` exists is skipped, and the step timing is kept in
 ``<runs>/timing.json`` (``--retime`` measures it again).  Writes ``results.json``,
@@ -27,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from optimlib.bench.study import collect, load_study, run_sweep, time_train_steps, write_outputs
+    from optimlib.bench.study_merge import MergeError, check_compatible, merge_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(HERE / "study.yaml"), help="the study file")
@@ -41,10 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retime", action="store_true", help="measure the step times again")
     parser.add_argument("--no-timing", action="store_true", help="skip the step-time measurement")
     parser.add_argument("--report-only", action="store_true", help="no runs, no timing: report what exists")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of <out>/results.json for the methods not run now (same base config; "
+                             "the baseline must reproduce its loss)")
     args = parser.parse_args(argv)
+    previous = full = None
     try:
         only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
         study = load_study(args.config, args.set, only=only)
+        if args.merge:
+            existing = Path(args.out) / "results.json"
+            if not existing.exists():
+                raise ValueError(f"--merge: {existing} does not exist")
+            previous = json.loads(existing.read_text())
+            full = load_study(args.config, args.set)
+            check_compatible(previous, full, rerun=[m.name for m in study.methods])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         timing_path.write_text(json.dumps(timing, indent=2))
     result = collect(study, runs, timing)
     result["command"] = "python recipes/cpu_study/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if previous is not None:
+        try:
+            result = merge_results(previous, result, full)
+        except MergeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
     paths = write_outputs(result, args.out)
     print((Path(args.out) / "results.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -120,3 +120,116 @@ def test_study_file_errors_name_the_method(tmp_path):
     partial = load_study(path)
     defaults = [m for m in partial.methods if not m.configured]
     assert {m.name for m in defaults} == (set(list_optimizers()) | set(list_reparams())) - {"adamw", "lowrank"}
+
+
+# ----------------------------------------------------------------------------- --merge (synthetic results)
+def _row(method, losses, *, step_s, state=1000, kind="optimizer", settings=""):
+    """A results.json row with finished runs at ``losses`` ({lr: final eval loss})."""
+    runs = [{"lr": lr, "status": "ok", "final_eval_loss": loss, "optimizer_state_bytes": state, "param_bytes": 400}
+            for lr, loss in losses.items()]
+    best = min(runs, key=lambda r: r["final_eval_loss"])
+    return {"method": method, "kind": kind, "settings": settings, "configured": True, "lrs": list(losses),
+            "runs": runs, "best_lr": best["lr"], "best_lr_at_edge": False, "eval_loss": best["final_eval_loss"],
+            "optimizer_state_bytes": state, "param_bytes": 400, "tokens_per_s": 100.0, "step_time_s": step_s,
+            "optimizer_time_s": step_s / 4}
+
+
+def _result(rows, *, commit, base=None, load=1.0):
+    """A results.json as ``collect`` writes it, with its ratios to the first row (the baseline)."""
+    base_row = rows[0]
+    for r in rows:
+        for key, src in (("eval_loss_ratio", "eval_loss"), ("state_ratio", "optimizer_state_bytes"),
+                         ("param_ratio", "param_bytes"), ("step_time_ratio", "step_time_s"),
+                         ("optimizer_time_ratio", "optimizer_time_s")):
+            r[key] = r[src] / base_row[src]
+    timing = {"reps": 15, "warmup": 3, "threads": 1, "cpu": "cpu", "load_average_1m_start": load,
+              "load_average_1m_end": load}
+    return {"baseline": "adamw", "base": json.loads(json.dumps(base or TINY["base"])),
+            "start": {"commit": commit, "started": "2026-01-01 00:00:00"}, "runs_finished": 0, "runs_total": 0,
+            "timing": timing, "rows": rows, "command": f"python recipes/cpu_study/run.py  # {commit}"}
+
+
+def _study(lrs=None):
+    from optimlib.bench.study import Method, Study
+    lrs = lrs or {}
+    return Study(json.loads(json.dumps(TINY["base"])), "adamw",
+                 [Method("adamw", "optimizer", [1e-3, 3e-3]), Method("sgdp", "optimizer", lrs.get("sgdp", [0.1])),
+                  Method("galore_adamw", "optimizer", [0.03]), Method("fira_adamw", "optimizer", [0.01])])
+
+
+ADAMW = {1e-3: 1.70, 3e-3: 1.62}
+
+
+def test_merge_keeps_the_rows_not_run_and_names_their_timing_run():
+    from optimlib.bench.study import results_markdown
+    from optimlib.bench.study_merge import merge_results
+
+    old = _result([_row("adamw", ADAMW, step_s=0.10), _row("sgdp", {0.1: 2.0}, step_s=0.12, state=500),
+                   _row("galore_adamw", {0.03: 1.54}, step_s=0.11, state=400)], commit="aaaa", load=4.0)
+    new = _result([_row("adamw", ADAMW, step_s=0.20), _row("galore_adamw", {0.03: 1.55}, step_s=0.26, state=400),
+                   _row("fira_adamw", {0.01: 1.50}, step_s=0.30, state=410)], commit="bbbb", load=2.0)
+    merged = merge_results(old, new, _study())
+
+    rows = {r["method"]: r for r in merged["rows"]}
+    assert [r["method"] for r in merged["rows"]] == ["adamw", "sgdp", "galore_adamw", "fira_adamw"]   # study order
+    assert rows["sgdp"]["timing_run"] == "A" and rows["sgdp"]["step_time_ratio"] == pytest.approx(1.2)
+    assert rows["sgdp"]["state_ratio"] == 0.5 and rows["sgdp"]["eval_loss"] == 2.0
+    for m in ("adamw", "galore_adamw", "fira_adamw"):
+        assert rows[m]["timing_run"] == "B"
+    assert rows["galore_adamw"]["eval_loss"] == 1.55 and rows["galore_adamw"]["step_time_ratio"] == pytest.approx(1.3)
+    assert rows["fira_adamw"]["step_time_ratio"] == pytest.approx(1.5)
+    assert [(t["id"], t["start"]["commit"], t["methods"]) for t in merged["timing_runs"]] == [
+        ("A", "aaaa", ["adamw", "sgdp", "galore_adamw"]), ("B", "bbbb", ["adamw", "galore_adamw", "fira_adamw"])]
+    assert (merged["runs_finished"], merged["runs_total"]) == (5, 5)
+    assert merged["merged"]["kept_methods"] == ["sgdp"]
+    assert [c["lr"] for c in merged["merged"]["baseline_check"]["runs"]] == [1e-3, 3e-3]
+    assert merged["start"]["commit"] == "bbbb" and old["rows"][1].get("timing_run") is None   # inputs untouched
+
+    md = results_markdown(merged)
+    assert "| timing run |" in md and "timing run A (the study started at commit `aaaa`" in md
+    assert "timing run B (the study started at commit `bbbb`" in md and "load average 4.0 -> 4.0" in md
+    assert "the rows of sgdp are kept" in md
+    line = next(x for x in md.splitlines() if x.startswith("| sgdp |"))
+    assert "| 0.500 | 1.20 | 1.20 | A |" in line                      # the ratios and the run they came from
+
+    # merging the merged file again: the unused timing run (A had only sgdp kept) goes once sgdp is re-run
+    third = _result([_row("adamw", ADAMW, step_s=0.30), _row("sgdp", {0.1: 1.9}, step_s=0.33, state=500)],
+                    commit="cccc")
+    again = merge_results(merged, third, _study())
+    assert [t["id"] for t in again["timing_runs"]] == ["B", "C"]
+    assert {r["method"]: r["timing_run"] for r in again["rows"]} == {
+        "adamw": "C", "sgdp": "C", "galore_adamw": "B", "fira_adamw": "B"}
+
+
+def test_merge_refuses_rows_that_are_not_comparable():
+    from optimlib.bench.study_merge import MergeError, merge_results
+
+    old = _result([_row("adamw", ADAMW, step_s=0.1), _row("sgdp", {0.1: 2.0}, step_s=0.1)], commit="aaaa")
+    new = _result([_row("adamw", ADAMW, step_s=0.1), _row("fira_adamw", {0.01: 1.5}, step_s=0.1)], commit="bbbb")
+    other = json.loads(json.dumps(old))
+    other["base"]["train"]["steps"] = 500
+    with pytest.raises(MergeError, match=r"base config.*train\.steps: 500 in the results, 3 now"):
+        merge_results(other, new, _study())
+    drift = json.loads(json.dumps(new))
+    drift["rows"][0]["runs"][1]["final_eval_loss"] = 1.6201
+    with pytest.raises(MergeError, match=r"baseline 'adamw' at lr=0.003 reached final eval loss 1.6201 now but 1.62"):
+        merge_results(old, drift, _study())
+    with pytest.raises(MergeError, match=r"'sgdp' has lrs \[0.1\].*lrs \[0.03, 0.1\]"):
+        merge_results(old, new, _study({"sgdp": [0.03, 0.1]}))
+    merge_results(old, new, _study())                       # the same inputs, comparable, merge
+
+
+def test_run_py_merge_refuses_before_training(tmp_path, capsys):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    out.mkdir()
+    old = _result([_row("adamw", {3e-3: 1.62}, step_s=0.1)], commit="aaaa")
+    old["base"]["data"]["seq_len"] = 128
+    (out / "results.json").write_text(json.dumps(old))
+    argv = ["--config", str(config), "--only", "lowrank", "--runs", str(runs), "--out", str(out), "--merge"]
+    assert _main()(argv) == 2
+    assert "data.seq_len: 128 in the results, 32 now" in capsys.readouterr().err
+    assert not runs.exists()                                   # nothing trained
+    (out / "results.json").unlink()
+    assert _main()(argv) == 2 and "does not exist" in capsys.readouterr().err

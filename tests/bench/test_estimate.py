@@ -18,7 +18,9 @@ What is measured, and how:
   and state bytes;
 * activations: autograd's saved tensors of one forward pass (``saved_activation_bytes``).
 
-Tolerance 2 % (the rules are exact: every comparison below came out equal to the byte).
+Tolerance 2 % (the rules are exact: every comparison below came out equal to the byte, but for
+Q-GaLore after one step, whose cosine history -- counted by the estimate -- its second refresh creates:
+``test_estimate_counts_q_galore_cos_history``).
 """
 
 from __future__ import annotations
@@ -124,6 +126,26 @@ def test_estimate_matches_galore_variants(variant):
     opt.step()
     est = estimate_memory("llama_tiny", "galore_adamw", **kwargs)
     assert est.optimizer_states == optimizer_state_bytes(opt), (variant, est.state_breakdown)
+
+
+def test_estimate_counts_q_galore_cos_history():
+    """Q-GaLore's lazy refresh keeps the last ``queue_size`` cosines (float64) from its second
+    refresh on: the estimate (the upper bound) counts them, equal to the byte once they exist and
+    ``8 * queue_size`` bytes per projected matrix above the state of one step."""
+    torch.manual_seed(0)
+    model = Llama(get_config("llama_tiny"))
+    kwargs = {**optimizer_kwargs("q_galore_adamw", "llama_tiny"), "update_proj_gap": 1, "queue_size": 4}
+    opt = create_optimizer(model, "q_galore_adamw", lr=1e-6, **kwargs)
+    est = estimate_memory("llama_tiny", "q_galore_adamw", **kwargs)
+    projected = sum(len(g["params"]) for g in opt.param_groups if g.get("rank"))
+    assert projected > 0
+    for step in range(2):                       # refreshes at both steps: the cosines exist after the second
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if step == 0:
+            assert est.optimizer_states - optimizer_state_bytes(opt) == projected * 8 * 4
+    assert est.optimizer_states == optimizer_state_bytes(opt), est.state_breakdown
 
 
 REPARAMS = {"sltrain": dict(rank=16, density=0.05, alpha=8), "nm": dict(n=2, m=4)}

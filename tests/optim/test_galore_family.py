@@ -346,3 +346,33 @@ def test_factory_defaults_and_apollo_mini_state_is_linear_in_the_sides():
     tensors = {k: v.numel() * v.element_size() for k, v in state.items() if torch.is_tensor(v) and "step" not in k}
     assert sum(tensors.values()) == 2 * 96 * 4 + 8, tensors
     assert "basis" not in state and isinstance(state["basis_seed"], int)
+
+
+def test_q_galore_state_is_what_it_declares():
+    """Every tensor of a projected parameter's state is declared with its shape, dtype and element
+    count, and nothing else is: ``cos_history`` (float64, ``queue_size``) from the second refresh
+    on, and in the upper bound (no ``state``) from the start."""
+    from optimlib.optim.state_spec import Placement, state_specs
+
+    params = [nn.Parameter(t.clone()) for t in _init()]
+    opt = QGaLoreAdamW([{"params": params[:-1], "rank": 3, "update_proj_gap": 2}, {"params": params[-1:]}],
+                       lr=1e-2, proj_group_size=8, queue_size=3)
+    group = opt.param_groups[0]
+    grads = _grads()
+    for step in range(4):                    # refreshes at steps 0 and 2
+        for p, g in zip(params, grads[step]):
+            p.grad = g.clone()
+        opt.step()
+        for p in params[:-1]:
+            state = opt.state[p]
+            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            declared = {s.key: s for s in state_specs(opt, group, Placement.whole(p.shape), state)}
+            assert set(declared) == set(tensors), (step, sorted(declared), sorted(tensors))
+            for key, spec in declared.items():
+                assert (tuple(tensors[key].shape), tensors[key].numel()) == (spec.shape, spec.local_numel), key
+                assert spec.dtype is None or tensors[key].dtype == spec.dtype, key
+            assert ("cos_history" in tensors) == (step >= 2)
+            bound = {s.key: s for s in state_specs(opt, group, Placement.whole(p.shape))}
+            assert bound["cos_history"].local_bytes(torch.float32) == 3 * 8
+            assert set(bound) == set(tensors) | {"cos_history"}
+    assert state["cos_count"] == 1 and state["cos_history"].dtype == torch.float64

@@ -98,17 +98,20 @@ class QGaLoreProjector(Projector):
     def basis_specs(self, rank: int, dtype: torch.dtype | None = None) -> list[StateSpec]:
         """The quantized basis, whole on every rank: ``uint8`` codes of the ``(r, n)`` (right) or
         ``(m, r)`` (left) basis, a float32 scale and zero per quantization group, and the float32
-        leading singular vector the lazy refresh compares; the last ``queue_size`` cosines
-        (``cos_history``, float64) exist from the second refresh on."""
+        leading singular vector the lazy refresh compares, and the last ``queue_size`` cosines
+        between successive leading vectors (``cos_history``, float64), which exist from the second
+        refresh on (:meth:`QGaLoreAdamW.state_specs` leaves them out of a state that has none)."""
         shape = (rank, self.n) if self.side == "right" else (self.m, rank)
         numel = shape[0] * shape[1]
         group = self.config.proj_group_size
         groups = shape[0] if group == -1 else -(-numel // group)
+        size = self.config.queue_size
         return [StateSpec("basis_codes", shape, torch.uint8, REPLICATED, numel, "basis"),
                 *(StateSpec(key, (groups,), torch.float32, REPLICATED, groups, "basis")
                   for key in ("basis_scales", "basis_zeros")),
                 StateSpec("leading_vector", (shape[1] if self.side == "right" else shape[0],), torch.float32,
-                          REPLICATED, shape[1] if self.side == "right" else shape[0], "basis")]
+                          REPLICATED, shape[1] if self.side == "right" else shape[0], "basis"),
+                StateSpec("cos_history", (size,), torch.float64, REPLICATED, size, "basis")]
 
     def needs_refresh(self, state: dict) -> bool:
         if not self.has_basis(state):
@@ -193,6 +196,16 @@ class QGaLoreAdamW(GaLoreMember):
         super().__init__(params, lr, options=options, betas=betas, eps=eps, weight_decay=weight_decay,
                          correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
                          proj_type=proj_type, moments_dtype=moments_dtype, **galore)
+
+    @classmethod
+    def state_specs(cls, group, place, state=None) -> list[StateSpec]:
+        """GaLore's declaration with the quantized basis (:meth:`QGaLoreProjector.basis_specs`);
+        ``cos_history``, which the first refresh does not create, only where ``state`` holds it
+        (without ``state``: the upper bound, with it)."""
+        specs = super().state_specs(group, place, state)
+        if state is not None and "cos_history" not in state:
+            specs = [s for s in specs if s.key != "cos_history"]
+        return specs
 
     @classmethod
     def _validate_group(cls, group: dict) -> None:
