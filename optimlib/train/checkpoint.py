@@ -22,9 +22,11 @@ size, exactly (:data:`FULL_STATE_ENGINES`).
 A single-process checkpoint also resumes under FSDP2 and an FSDP2 one under one process or
 another number of FSDP2 ranks: the manifest names the writer and :mod:`optimlib.train.reshard`
 converts at load time (``python -m optimlib.train.convert SRC DST`` writes any of them as a
-single-engine checkpoint).  DeepSpeed checkpoints resume under DeepSpeed on the same world size;
-their files load with ``torch.load(weights_only=True)`` once :func:`deepspeed_safe_globals` are
-allow-listed.
+single-engine checkpoint).  A DeepSpeed ZeRO-1/2/3 checkpoint resumes natively under DeepSpeed on
+the same world size, and through :mod:`optimlib.train.zero_checkpoint` under DeepSpeed on another
+world size, one process or FSDP2 (which also load one-process and FSDP2 checkpoints into
+DeepSpeed); its files load with ``torch.load(weights_only=True)`` once
+:func:`deepspeed_safe_globals` are allow-listed.
 
 Safety: before anything of a checkpoint is loaded, every file the engine will read passes the
 checks of :mod:`optimlib.train.safe_load` (no pickle may name code), unless ``resume_trusted``.
@@ -48,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from optimlib.train import reshard, safe_load
+from optimlib.train import reshard, safe_load, zero_checkpoint
 from optimlib.train.safe_load import (CheckpointError, CheckpointRefused,  # noqa: F401 (public names here)
                                       UnsafeCheckpointError, deepspeed_safe_globals)
 
@@ -211,7 +213,9 @@ def load(engine, path: Path, *, trusted: bool = False) -> dict:
     Every file is checked first (:func:`check_files`) and read the safe way, unless ``trusted``
     (``resume_trusted``).  A checkpoint of the same engine on the same world size loads natively
     (exactly).  A single or FSDP2 checkpoint loads into the other of the two, or into FSDP2 on
-    another world size, through :mod:`optimlib.train.reshard`."""
+    another world size, through :mod:`optimlib.train.reshard`; a DeepSpeed ZeRO checkpoint into
+    DeepSpeed on another world size, one process or FSDP2, and a single or FSDP2 checkpoint into
+    DeepSpeed, through :mod:`optimlib.train.zero_checkpoint`."""
     path = Path(path)
     if not _manifest_ok(path):
         raise FileNotFoundError(f"'{path}' is not a complete optimlib checkpoint (missing or mismatched {MANIFEST})")
@@ -225,18 +229,21 @@ def load(engine, path: Path, *, trusted: bool = False) -> dict:
         check_files(path, manifest)
     if native or same_files:
         return _LOADERS[engine.name](engine, path, trusted)
+    if zero_checkpoint.ENGINE in (manifest["engine"], engine.name):
+        return zero_checkpoint.load_converted(engine, path, manifest, trusted=trusted)
     return reshard.load_converted(engine, path, manifest, trusted=trusted)
 
 
 def _check_convertible(engine, path: Path, manifest: dict) -> None:
     """Raise ``ValueError`` unless the checkpoint at ``path`` converts into ``engine``."""
     same_files = manifest["engine"] in FULL_STATE_ENGINES and engine.name in FULL_STATE_ENGINES
-    if not same_files and (manifest["engine"] not in reshard.CONVERTIBLE or engine.name not in reshard.CONVERTIBLE):
+    convertible = (*reshard.CONVERTIBLE, zero_checkpoint.ENGINE)
+    if not same_files and (manifest["engine"] not in convertible or engine.name not in convertible):
         raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']} on "
                          f"{manifest['world_size']} rank(s); this run is engine={engine.name} on "
                          f"{engine.world_size} rank(s). Checkpoints convert between engines "
-                         f"{' and '.join(reshard.CONVERTIBLE)} (any world size), {' and '.join(FULL_STATE_ENGINES)} "
-                         f"load each other's; DeepSpeed's resume only under DeepSpeed on the same world size")
+                         f"{', '.join(convertible)} (any world size), {' and '.join(FULL_STATE_ENGINES)} "
+                         f"load each other's")
     if any(getattr(m, "replicated_parameters", ()) for m in engine.module.modules()):
         raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']} on "
                          f"{manifest['world_size']} rank(s); this run is engine={engine.name} on "
@@ -278,9 +285,11 @@ def _save_single(engine, tmp: Path, meta: dict) -> None:
 def _load_single(engine, path: Path, trusted: bool) -> dict:
     state = safe_load.load_file(path / "state.pt", map_location=engine.device, trusted=trusted)
     engine.module.load_state_dict(state["model"])
-    engine.optimizer.load_state_dict(state["optimizer"])
+    # a checkpoint converted from DeepSpeed keeps its param groups (one per parameter): regrouped here
+    engine.optimizer.load_state_dict(reshard.fit_groups(state["optimizer"], engine.module, engine.optimizer))
     engine.load_replicated_state_dict(state.get("replicated"))
-    torch.set_rng_state(state["rng"].cpu())
+    if "rng" in state:  # one converted from DeepSpeed has none
+        torch.set_rng_state(state["rng"].cpu())
     return state["meta"]
 
 

@@ -1,8 +1,11 @@
-"""``python -m optimlib.train.convert SRC DST``: write a single-process or FSDP2 checkpoint (any
-world size) as a single-engine checkpoint, e.g. to consolidate an FSDP2 checkpoint for evaluation
-on one device.  The conversion itself is :mod:`optimlib.train.reshard`'s (which ``resume`` uses by
-itself when a checkpoint was written by another engine or world size); the files are checked
-first (:mod:`optimlib.train.safe_load`), so a refused checkpoint writes nothing.
+"""``python -m optimlib.train.convert SRC DST``: write a single-process, FSDP2 or DeepSpeed ZeRO-1/2/3
+checkpoint (any world size) as a single-engine checkpoint, e.g. to consolidate an FSDP2 or ZeRO
+checkpoint for evaluation on one device.  The conversion itself is :mod:`optimlib.train.reshard`'s
+and :mod:`optimlib.train.zero_checkpoint`'s (which ``resume`` uses by itself when a checkpoint was
+written by another engine or world size); the files are checked first
+(:mod:`optimlib.train.safe_load`), so a refused checkpoint writes nothing.  A checkpoint converted
+from DeepSpeed keeps DeepSpeed's param groups (one per parameter for shape-aware optimizers) and
+has no RNG state; optimlib's loaders regroup it by parameter name.
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-from optimlib.train import checkpoint, reshard
+from optimlib.train import checkpoint, reshard, zero_checkpoint
 
 
 # ------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
     """``python -m optimlib.train.convert SRC DST``: write checkpoint SRC as a single-engine one."""
-    parser = argparse.ArgumentParser(description="Write an optimlib checkpoint (single or FSDP2) as a "
+    parser = argparse.ArgumentParser(description="Write an optimlib checkpoint (single, FSDP2 or DeepSpeed ZeRO) as a "
                                                  "single-engine checkpoint: one state.pt of full tensors.")
     parser.add_argument("src", type=Path, help="a checkpoint directory (…/checkpoints/step_XXXXXXXX)")
     parser.add_argument("dst", type=Path, help="the directory to create")
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.trusted:
             checkpoint.check_files(args.src, manifest)
-        state = reshard.read_whole(args.src, manifest, trusted=args.trusted)
+        read = zero_checkpoint.read_whole if manifest["engine"] == zero_checkpoint.ENGINE else reshard.read_whole
+        state = read(args.src, manifest, trusted=args.trusted)
     except (checkpoint.CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -26,8 +26,9 @@ Nothing here names an optimizer or a state key.
 Cost: every rank holds the whole model and optimizer state in host memory once, at load time
 (as torch's ``format_utils`` do); native resumes (same engine, same world size) never do.
 
-DeepSpeed checkpoints resume under DeepSpeed on the same world size only (its ZeRO partitions are
-flat slices of padded parameter groups; DeepSpeed's ``zero_to_fp32.py`` recovers the weights).
+DeepSpeed ZeRO checkpoints are read into the same form, and that form is cut into a DeepSpeed
+engine's partitions, by :mod:`optimlib.train.zero_checkpoint`.  :func:`regroup` puts a checkpoint
+grouped otherwise (DeepSpeed's one param group per parameter) into the loading optimizer's groups.
 """
 
 from __future__ import annotations
@@ -142,7 +143,13 @@ def load_converted(engine, path: Path, manifest: dict, *, trusted: bool = False)
                          f"{manifest['world_size']} rank(s); engine={engine.name} resumes only its own "
                          f"checkpoints on the same world size")
     names = optimizer_param_names(engine.module, engine.optimizer)
-    state = read_whole(path, manifest, names, optimizer=engine.optimizer, trusted=trusted)
+    return load_whole(engine, read_whole(path, manifest, names, optimizer=engine.optimizer, trusted=trusted), names)
+
+
+def load_whole(engine, state: dict, names: list[str]) -> dict:
+    """Load the single-process form ``state`` (:func:`read_whole`) into ``engine`` (single or
+    FSDP2; ``names``: its optimizer's parameter names in order); returns the metadata."""
+    state = {**state, "optimizer": regroup(state["optimizer"], names, engine.optimizer)}
     if engine.name == "single":
         engine.model.load_state_dict(state["model"])
         engine.optimizer.load_state_dict(keyed(state["optimizer"], names, by_name=False))
@@ -152,5 +159,43 @@ def load_converted(engine, path: Path, manifest: dict, *, trusted: bool = False)
         _convert_per_rank(engine.optimizer, state["optimizer"], engine.world_size, to_slots=True)
         set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    torch.set_rng_state(state["rng"].cpu())
+    if "rng" in state:  # DeepSpeed checkpoints carry none
+        torch.set_rng_state(state["rng"].cpu())
     return state["meta"]
+
+
+def regroup(optim_sd: dict, names: list[str], optimizer) -> dict:
+    """A name-keyed optimizer state dict in ``optimizer``'s param groups (``names``: its parameter
+    names in order): a checkpoint grouped otherwise (DeepSpeed's one group per parameter) takes, for
+    each of this optimizer's groups, the options of the saved groups of its parameters, which must
+    agree.  Unchanged when the grouping is the same."""
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    members = [names[a:b] for a, b in zip(bounds, bounds[1:])]
+    if [list(g["params"]) for g in optim_sd["param_groups"]] == members:
+        return optim_sd
+    group_of = {n: g for g in optim_sd["param_groups"] for n in g["params"]}
+    groups = []
+    for current, fqns in zip(optimizer.param_groups, members):
+        absent = [n for n in fqns if n not in group_of]
+        if absent:
+            raise ValueError(f"the checkpoint's optimizer groups do not hold {absent[:3]}: not the same model")
+        options = [{k: v for k, v in group_of[n].items() if k not in ("params", "names", "shapes")} for n in fqns]
+        if any(o != options[0] for o in options):
+            raise ValueError(f"the checkpoint's optimizer options differ among {fqns[:3]}..., which this run's "
+                             f"optimizer holds in one param group: not the same optimizer config")
+        extra = {k: current[k] for k in ("names", "shapes") if k in current}
+        groups.append({**(options[0] if fqns else {}), **extra, "params": list(fqns)})
+    return {"state": optim_sd["state"], "param_groups": groups}
+
+
+def fit_groups(optim_sd: dict, model: torch.nn.Module, optimizer) -> dict:
+    """``optim_sd`` (an ``optimizer.state_dict()`` of a checkpoint, numbered) in ``optimizer``'s
+    param groups when it was grouped otherwise (:func:`regroup`; its groups must record ``names``)."""
+    if [len(g["params"]) for g in optim_sd["param_groups"]] == [len(g["params"]) for g in optimizer.param_groups]:
+        return optim_sd
+    if not all("names" in g for g in optim_sd["param_groups"]):
+        return optim_sd  # torch's load_state_dict names the mismatch
+    saved = [n for g in optim_sd["param_groups"] for n in g["names"]]
+    names = optimizer_param_names(model, optimizer)
+    return keyed(regroup(keyed(optim_sd, saved, by_name=True), names, optimizer), names, by_name=False)

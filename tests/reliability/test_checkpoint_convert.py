@@ -1,11 +1,13 @@
-"""The pieces of single <-> FSDP2 checkpoint conversion that need no process group.
+"""The pieces of checkpoint conversion (single <-> FSDP2, DeepSpeed ZeRO) that need no process group.
 
 The end-to-end conversions (train under one engine, resume under the other, compare with an
-uninterrupted one-process run) are in tests/distributed/test_checkpoint_engines.py.
+uninterrupted run) are in tests/distributed/test_checkpoint_engines.py and
+tests/distributed/test_zero_checkpoint_resharding.py.
 """
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +19,8 @@ from optimlib.formats.bitpack import pack_bits, unpack_bits
 from optimlib.optim import SMMF, GaLoreAdamW, create_optimizer
 from optimlib.optim.smmf import SMMFLayout
 from optimlib.optim.state_spec import PER_RANK, Placement, state_specs
-from optimlib.train import checkpoint, reshard
+from optimlib.train import checkpoint, convert, reshard
+from optimlib.train.zero_checkpoint import FlatLayout, local_state, whole_state
 
 
 def _per_rank(specs):
@@ -104,14 +107,90 @@ def test_optimizer_state_is_keyed_by_name_and_back():
         reshard.keyed(sd, names[::-1], by_name=True)
 
 
-def test_deepspeed_checkpoint_under_another_engine_is_a_clear_error(tmp_path):
+def _deepspeed_dir(tmp_path):
+    """A complete checkpoint directory of DeepSpeed on 2 ranks without ZeRO's optimizer files."""
     path = tmp_path / "step_00000003"
     path.mkdir()
     (path / checkpoint.MANIFEST).write_text(json.dumps({"step": 3, "engine": "deepspeed", "world_size": 2,
                                                         "files": {}, "sha256": {}}))
+    return path
 
+
+def test_deepspeed_checkpoint_under_ddp_is_a_clear_error(tmp_path):
     class Engine:
-        name, world_size = "fsdp2", 2
+        name, world_size = "ddp", 2
 
-    with pytest.raises(ValueError, match=r"engine=deepspeed on 2 rank\(s\); this run is engine=fsdp2"):
-        checkpoint.load(Engine(), path)
+    with pytest.raises(ValueError, match=r"engine=deepspeed on 2 rank\(s\); this run is engine=ddp on 2 rank\(s\)"
+                                         r"\. Checkpoints convert between engines single, fsdp2, deepspeed"):
+        checkpoint.load(Engine(), _deepspeed_dir(tmp_path))
+
+
+def test_deepspeed_checkpoint_without_zero_files_is_not_converted(tmp_path, capsys):
+    """ZeRO stage 0 writes no zero_pp_rank_* optimizer files: convert names the missing file."""
+    assert convert.main([str(_deepspeed_dir(tmp_path)), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "lacks zero_pp_rank_0_mp_rank_00_optim_states.pt: only ZeRO stage 1, 2 and 3 checkpoints convert" in err
+    assert not (tmp_path / "out").exists()
+
+
+SHAPES = ((13, 11), (11,), (7, 11), (1,))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("zero3", [False, True])
+def test_zero_partitions_cut_and_join(world, zero3):
+    """ZeRO-1/2 (the group back to back, alignment padding after a parameter, padded to 2 x world)
+    and ZeRO-3 (each parameter cut on its own): every rank's partition, joined, is every parameter."""
+    numels = [math.prod(s) for s in SHAPES]
+    pads = (0, 3, 0, 0)
+    if zero3:
+        layout = FlatLayout(("a", "b", "c", "d"), SHAPES, world, sum(-(-n // world) for n in numels), True)
+    else:
+        total = sum(numels) + sum(pads)
+        layout = FlatLayout(("a", "b", "c", "d"), SHAPES, world, -(-total // (2 * world)) * 2, False, pads)
+    wholes = [torch.randn(n) for n in numels]
+    parts = [layout.local(wholes, k) for k in range(world)]
+    assert all(p.numel() == layout.partition for p in parts)
+    assert all(torch.equal(a, b) for a, b in zip(layout.whole(parts), wholes))
+    if zero3:   # rank k holds [k s, (k + 1) s) of each parameter
+        s = -(-numels[0] // world)
+        assert torch.equal(parts[-1][:numels[0] - (world - 1) * s], wholes[0][(world - 1) * s:])
+    else:       # rank k holds [k P, (k + 1) P) of the group, parameter b after a and its padding
+        flat = torch.cat([wholes[0], wholes[1], torch.zeros(3), wholes[2], wholes[3]])
+        assert torch.equal(torch.cat(parts)[:flat.numel()], flat)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamp", "smmf", "galore_smmf", "galore_adamw"])
+@pytest.mark.parametrize("zero3", [False, True])
+def test_zero_state_cut_into_ranks_and_joined(name, zero3):
+    """A one-process state cut into 3 ranks' ZeRO partitions (one parameter per partition for the
+    shape-aware optimizers, the whole group for AdamW) and joined again: the same state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.Linear(11, 7))
+    extra = {"rank": 3, "target_modules": "all-linear"} if name.startswith("galore") else {}
+    opt = create_optimizer(model, name, lr=1e-2, **extra)
+    for _ in range(2):
+        model(torch.randn(5, 13)).sum().backward()
+        opt.step()
+    names = reshard.optimizer_param_names(model, opt)
+    whole = reshard.keyed(opt.state_dict(), names, by_name=True)
+    world, done, cut = 3, 0, 0
+    for group in whole["param_groups"]:
+        members = [group["params"]] if name == "adamw" else [[n] for n in group["params"]]
+        for fqns in members:
+            shapes = tuple(tuple(s) for n, s in zip(group["params"], group["shapes"]) if n in fqns)
+            numels = [math.prod(s) for s in shapes]
+            size = sum(-(-n // world) for n in numels) if zero3 else -(-sum(numels) // (2 * world)) * 2
+            layout = FlatLayout(tuple(fqns), shapes, world, size, zero3)
+            saved = [whole["state"][n] for n in fqns]
+            ranks = [local_state(opt, group, layout, k, saved) for k in range(world)]
+            cut += sum(isinstance(v, torch.Tensor) and 0 < v.numel() < saved[0][key].numel()
+                       for r in ranks for key, v in r.items())
+            joined = whole_state(opt, group, layout, ranks)
+            for n in fqns:
+                assert joined[n].keys() == whole["state"][n].keys()
+                for key, value in whole["state"][n].items():
+                    assert torch.equal(torch.as_tensor(joined[n][key]), torch.as_tensor(value)), (n, key)
+                done += 1
+    assert cut > 0
+    assert done == len(names)
