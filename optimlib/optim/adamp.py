@@ -212,13 +212,10 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor],
             d_p = grad + momentum * buf if nesterov else buf
 
         wd = 1.0
-        if len(shape) > 1 and piece.numel and worth_compiling((param,)):
-            block = RowBlock(channel_view_shape(shape), piece)
-            if block.aligned and all(t.is_contiguous() for t in (param, grad, d_p)):
-                _sgdp_compiled_(param, grad, d_p, block, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                delta=delta, wd_ratio=wd_ratio, eps=eps, write_update=buf_is_direction)
-                continue
         if len(shape) > 1 and piece.numel:
+            if _sgdp_compiled_(param, grad, d_p, shape, piece, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               delta=delta, wd_ratio=wd_ratio, eps=eps, write_update=buf_is_direction):
+                continue
             d_p, wd, projected = _project_local(grad, param, d_p, shape, piece, delta=delta,
                                                 wd_ratio=wd_ratio, eps=eps)
             if projected and buf_is_direction:
@@ -230,17 +227,24 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor],
         param.add_(d_p, alpha=-lr)
 
 
-def _sgdp_compiled_(param, grad, update, block: RowBlock, *, lr, momentum, weight_decay, delta, wd_ratio, eps,
-                    write_update: bool) -> None:
+def _sgdp_compiled_(param, grad, update, shape, piece: FlatSlice, *, lr, momentum, weight_decay, delta, wd_ratio,
+                    eps, write_update: bool) -> bool:
     """SGDP's projection and update of a large CPU matrix in two compiled passes (the row statistics,
     then the apply) around :func:`~optimlib.kernels.adamp.adamp_coefficients`: AdamP's structure,
-    equal to :func:`_project_local`'s result to float rounding."""
+    equal to :func:`_project_local`'s result to float rounding.  Returns ``False`` (nothing done)
+    unless the matrix is worth compiling and its pieces are row-aligned and contiguous."""
+    if not worth_compiling((param,)):
+        return False
+    block = RowBlock(channel_view_shape(shape), piece)
+    if not (block.aligned and all(t.is_contiguous() for t in (param, grad, update))):
+        return False
     w, g, u = block.rows_many([param, grad, update])
     stats = projection_stats_fused(g, w, u)
     coef, decay = adamp_coefficients(stats, num_rows=block.shape[0], num_cols=block.shape[1], lr=lr,
                                      weight_decay=weight_decay / (1 - momentum), delta=delta, wd_ratio=wd_ratio,
                                      eps=eps, combine=_combine_over(block) if block.distributed else None)
     projected_apply_fused(w, u, coef, decay, lr=lr, write_update=write_update)
+    return True
 
 
 # ----------------------------------------------------------------------------- helpers shared by the classes
@@ -367,7 +371,7 @@ class SGDP(OptimizerBase):
     AdamP's second read of the weight and the update for a matrix: 28 bytes.
     """
 
-    second_pass_reads = AdamP.second_pass_reads
+    second_pass_reads = staticmethod(AdamP.second_pass_reads)
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
