@@ -32,14 +32,19 @@ import torch.distributed as dist
 class FlatSlice:
     """Where each rank's local piece lies in the flattened global parameter.
 
-    ``bounds[k] = (a_k, b_k)``: rank ``k`` holds elements ``[a_k, b_k)``; pieces are contiguous,
-    in rank order, and cover ``[0, numel)``.  ``rank`` is this process's index in ``group``.
+    ``bounds[k] = (a_k, b_k)``: the ``k``-th piece holds elements ``[a_k, b_k)``; pieces are
+    contiguous, in order, and cover ``[0, numel)``.  ``rank`` is the index of this process's piece.
+    The ``k``-th piece is held by the process of rank ``order[k]`` in ``group`` (``k`` itself when
+    ``order`` is ``None``): FSDP2 over tensor parallelism lays rows out in another order than the
+    ranks (see :class:`optimlib.distributed.layout.MeshRows`), which ``sharding`` describes.
     """
 
     numel: int
     bounds: tuple[tuple[int, int], ...]
     rank: int
     group: object | None = None
+    order: tuple[int, ...] | None = None
+    sharding: object | None = None
 
     @property
     def world_size(self) -> int:
@@ -56,6 +61,19 @@ class FlatSlice:
     @staticmethod
     def whole(numel: int) -> "FlatSlice":
         return FlatSlice(numel=numel, bounds=((0, numel),), rank=0, group=None)
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every piece's ``tensor`` (same shape on every rank), in piece order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return parts if self.order is None else [parts[r] for r in self.order]
+
+    def split(self, size: int) -> tuple[tuple[int, int], ...]:
+        """Every piece's ``[start, stop)`` of a dimension of ``size`` divided over the ranks the way
+        the parameter's rows are (``torch.chunk`` over the pieces, or the mesh's own division)."""
+        if self.sharding is not None:
+            return self.sharding.split(size)
+        return chunk_bounds(size, self.world_size)
 
 
 def chunk_bounds(size: int, world: int) -> tuple[tuple[int, int], ...]:
@@ -137,8 +155,7 @@ class RowBlock:
         for i, f in enumerate(flats):
             h = f[:n]
             heads[i, : h.numel()] = h
-        gathered = [torch.empty_like(heads) for _ in range(self.world_size)]
-        dist.all_gather(gathered, heads, group=self.group)
+        gathered = self.piece.all_gather(heads)
         need = self.row_end * n - b if self.num_rows else 0
         begin = min(self.row_start * n - a, b - a)
         out = []
@@ -172,8 +189,7 @@ class RowBlock:
             last = torch.zeros(n, dtype=rows.dtype, device=rows.device)
             if self.num_rows:
                 last.copy_(flat_rows[-n:])
-            gathered = [torch.empty_like(last) for _ in range(self.world_size)]
-            dist.all_gather(gathered, last, group=self.group)
+            gathered = self.piece.all_gather(last)
             head_end = min(self.row_start * n, b)
             parts = []
             if head_end > a:
@@ -199,8 +215,7 @@ class RowBlock:
         most = max(e - s for s, e in self.owned_rows)
         buf = torch.zeros(most, n, dtype=rows.dtype, device=rows.device)
         buf[: self.num_rows] = rows
-        gathered = [torch.empty_like(buf) for _ in range(self.world_size)]
-        dist.all_gather(gathered, buf, group=self.group)
+        gathered = self.piece.all_gather(buf)
         return torch.cat([g[: e - s] for g, (s, e) in zip(gathered, self.owned_rows)])
 
     def __repr__(self) -> str:

@@ -83,13 +83,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        shape = (b, t, self.n_heads, self.head_dim)
+        b, t, _ = x.shape
+        # The heads this rank computes: all of them, or its share under tensor parallelism.
+        shape = (b, t, -1, self.head_dim)
         q = apply_rotary(self.q_proj(x).view(shape), cos, sin)
         k = apply_rotary(self.k_proj(x).view(shape), cos, sin)
         v = self.v_proj(x).view(shape)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):

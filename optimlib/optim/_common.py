@@ -18,7 +18,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from optimlib.distributed.flat_partition import LayoutError, is_fsdp1_flat, map_flat_partition
-from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, to_local
+from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, rows_only, row_placements, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
 from optimlib.optim.layerwise import LayerwiseStepper
 from optimlib.optim.migrate import convert_state_dict
@@ -116,7 +116,9 @@ class ParamUnit:
     ``param``: what its element-wise state is shaped like (the parameter -- a DTensor under FSDP2 --
     or its slice of a DeepSpeed flat partition); ``local``/``grad``: the plain local tensors to read
     and update in place; ``shape``: the global shape; ``piece``: where ``local`` lies in the
-    flattened parameter (:class:`~optimlib.distributed.FlatSlice`); ``state``: its state dict.
+    flattened parameter (:class:`~optimlib.distributed.FlatSlice`); ``state``: its state dict;
+    ``finish``: what writes ``local`` back into the parameter after the step, when ``local`` is a
+    copy laid out by rows (a DTensor sharded along its columns, see :meth:`OptimizerBase.param_unit`).
     """
 
     index: int
@@ -127,6 +129,7 @@ class ParamUnit:
     shape: tuple[int, ...]
     piece: FlatSlice
     state: dict
+    finish: Callable[[], None] | None = None
 
 
 class OptimizerBase(torch.optim.Optimizer):
@@ -163,7 +166,13 @@ class OptimizerBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _step_group(self, group_index: int, group: dict) -> None:
-        self._step_units(group, self.param_units(group_index, group))
+        self._run_units(group, self.param_units(group_index, group))
+
+    def _run_units(self, group: dict, units: list[ParamUnit]) -> None:
+        self._step_units(group, units)
+        for unit in units:
+            if unit.finish is not None:
+                unit.finish()
 
     def layerwise(self, accumulation_steps: int = 1) -> LayerwiseStepper:
         """Switch to layer-wise (optimizer-in-backward) stepping; see :class:`LayerwiseStepper`."""
@@ -178,7 +187,7 @@ class OptimizerBase(torch.optim.Optimizer):
             for index, p in enumerate(group["params"]):
                 if p is param:
                     self._seen_grad = True
-                    self._step_units(group, [self.param_unit(gi, group, index, p)])
+                    self._run_units(group, [self.param_unit(gi, group, index, p)])
                     return
         raise ValueError(f"{type(self).__name__}.step_param: the tensor of shape {tuple(param.shape)} is not a "
                          "parameter of this optimizer")
@@ -294,8 +303,37 @@ class OptimizerBase(torch.optim.Optimizer):
                 "on it.  Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) and build the "
                 "optimizer after sharding, or use DeepSpeed ZeRO")
         shape = global_shape(p, group, index)
+        if is_dtensor(p) and not rows_only(p.placements):
+            return self._row_unit(index, name, p, shape)
         local, piece = local_piece(p, shape)
         return ParamUnit(index, name, p, local, to_local(p.grad), shape, piece, self.state[p])
+
+    def _row_unit(self, index: int, name: str, p: torch.Tensor, shape: tuple[int, ...]) -> ParamUnit:
+        """The unit of a DTensor sharded along other dimensions than its rows (tensor parallel
+        row-wise: ``Shard(1)``): the parameter and its gradient redistributed so the same ranks hold
+        whole rows (:func:`~optimlib.distributed.layout.row_placements`), stepped there -- its state
+        is laid out by rows too -- and redistributed back.  Per step that moves the local gradient
+        and parameter in and the parameter out (an all-to-all over the mesh dimension that shards
+        the columns; gloo gathers instead), never the whole parameter on one rank."""
+        from torch.distributed.tensor import DTensor
+
+        mesh = p.device_mesh
+        try:
+            target = row_placements(p.placements)
+        except NotImplementedError as err:
+            raise NotImplementedError(f"{type(self).__name__}: parameter {name}: {err}") from None
+
+        def by_rows(t: torch.Tensor) -> torch.Tensor:
+            local = t.redistribute(mesh, target).to_local().contiguous()
+            return DTensor.from_local(local, mesh, target, run_check=False, shape=p.shape, stride=p.stride())
+
+        rows, grad_rows = by_rows(p.detach()), by_rows(p.grad.redistribute(mesh, p.placements))
+        local, piece = local_piece(rows, shape)
+
+        def write_back() -> None:
+            p._local_tensor.copy_(rows.redistribute(mesh, p.placements).to_local())
+
+        return ParamUnit(index, name, rows, local, grad_rows.to_local(), shape, piece, self.state[p], write_back)
 
     def param_units(self, group_index: int, group: dict) -> list[ParamUnit]:
         """The units of the group's parameters that have a gradient (a list: ``torch.compile``

@@ -35,7 +35,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from optimlib.distributed.layout import to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
@@ -62,12 +61,10 @@ def channel_view_shape(shape: Sequence[int]) -> tuple[int, int]:
 def _gather_stats(stats: torch.Tensor, block: RowBlock) -> tuple[float, torch.Tensor]:
     """Combine per-rank ``[max, s1, s2, ...]``: max of the first entry, sums of the others.
 
-    One ``all_gather`` of a few numbers; every rank combines them in rank order, so all ranks
+    One ``all_gather`` of a few numbers; every rank combines them in the pieces' order, so all ranks
     reach bit-identical values (and therefore the same decisions).
     """
-    parts = [torch.empty_like(stats) for _ in range(block.world_size)]
-    dist.all_gather(parts, stats, group=block.group)
-    stacked = torch.stack(parts)
+    stacked = torch.stack(block.piece.all_gather(stats))
     return float(stacked[:, 0].max()), stacked[:, 1:].sum(0)
 
 

@@ -55,11 +55,12 @@ between factors and dense moments (GaLore's ``rotate`` refresh policy uses them)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from optimlib.distributed.layout import is_dtensor, to_local
+from optimlib.distributed.layout import is_dtensor, shard_like, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock, isqrt, near_square
 from optimlib.optim._common import OptimizerBase, ParamUnit
 from optimlib.optim.state_spec import PER_RANK, REPLICATED, Placement, RankRows, StateSpec, elementwise, step_spec
@@ -178,7 +179,7 @@ def _extend(piece: FlatSlice, total: int) -> FlatSlice:
         return piece
     n = piece.numel
     bounds = tuple((a if a < n else total, b if b < n else total) for a, b in piece.bounds)
-    return FlatSlice(total, bounds, piece.rank, piece.group)
+    return dataclasses.replace(piece, numel=total, bounds=bounds)
 
 
 def _ext_flat(t: torch.Tensor, piece: FlatSlice, ext: FlatSlice) -> torch.Tensor:
@@ -190,15 +191,13 @@ def _ext_flat(t: torch.Tensor, piece: FlatSlice, ext: FlatSlice) -> torch.Tensor
     return flat
 
 
-def _slot(local: torch.Tensor, size: int, p: torch.Tensor) -> torch.Tensor:
+def _slot(local: torch.Tensor, size: int, p: torch.Tensor, piece: FlatSlice) -> torch.Tensor:
     """Rank-local state; under FSDP2 a ``(world, size)`` DTensor with one row per rank."""
     if not is_dtensor(p):
         return local
-    from torch.distributed.tensor import DTensor, Shard
-
     buf = local.new_zeros(1, size)
     buf[0, : local.numel()] = local
-    return DTensor.from_local(buf, p.device_mesh, [Shard(0)], run_check=False)
+    return shard_like(p.device_mesh, piece, buf, 0, (piece.world_size, size))
 
 
 def _unslot(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -246,9 +245,9 @@ class SMMFLayout:
                 state.pop(key, None)
         for key, value in fresh.items():
             if key.endswith("_row"):
-                state[key] = _slot(value, most, param)
+                state[key] = _slot(value, most, param, self.piece)
             elif key == "exp_avg_sign":
-                state[key] = _slot(value, packed_numel(most * self.cols), param)
+                state[key] = _slot(value, packed_numel(most * self.cols), param, self.piece)
             else:  # column factors are identical on every rank: plain (replicated) tensors
                 state[key] = value
 

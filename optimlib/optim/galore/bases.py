@@ -43,7 +43,6 @@ import zlib
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from optimlib.distributed.row_block import RowBlock
 
@@ -168,7 +167,7 @@ def canonicalize_signs(vectors: torch.Tensor, block: RowBlock | None = None, *, 
 
     ``dim``: the dimension along which a vector's entries run (``0``: vectors are columns).
     With ``block`` given and ``dim=0`` the entries are distributed over ranks by rows: the
-    largest entry is found across ranks (first rank wins ties), so every layout flips the same
+    largest entry is found across ranks (the first rows win ties), so every layout flips the same
     vectors as one process does.
     """
     v = vectors if dim == 0 else vectors.t()
@@ -179,10 +178,8 @@ def canonicalize_signs(vectors: torch.Tensor, block: RowBlock | None = None, *, 
     else:
         picked = v.new_zeros(r)
     if block is not None and block.distributed:
-        parts = [torch.empty_like(picked) for _ in range(block.world_size)]
-        dist.all_gather(parts, picked.contiguous(), group=block.group)
-        stacked = torch.stack(parts)                             # (W, r)
-        best = stacked.abs().argmax(dim=0)                       # first rank on ties
+        stacked = torch.stack(block.piece.all_gather(picked))    # (W, r)
+        best = stacked.abs().argmax(dim=0)                       # the first rows win ties
         picked = stacked.gather(0, best[None, :])[0]
     sign = torch.where(picked < 0, -1.0, 1.0).to(v.dtype)
     v.mul_(sign[None, :])

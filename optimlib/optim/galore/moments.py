@@ -9,10 +9,11 @@ them to a new basis at a refresh (``on_refresh``: keep, rotate, reset).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from optimlib.distributed.layout import is_dtensor, to_local
-from optimlib.distributed.row_block import FlatSlice
+from optimlib.distributed.layout import is_dtensor, shard_like, to_local
 from optimlib.formats.quantize import dequantize_blockwise, hash_uniform, quantize_blockwise
 from optimlib.kernels.adam import adam8bit_lowrank_update_, adam_lowrank_update_
 from optimlib.optim.galore.projection import Projector
@@ -64,15 +65,9 @@ class LowRankMoments:
     def _wrap(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Under FSDP2: a DTensor sharded on the kept dimension ``dim`` (so DCP saves every rank's piece)."""
         p = self.param
-        if not is_dtensor(p) or p.device_mesh.ndim != 1:
-            return t
-        from torch.distributed.tensor import DTensor, Shard
-
-        t = t.contiguous()
         shape = list(t.shape)
         shape[dim] = self.proj.kept_size
-        return DTensor.from_local(t, p.device_mesh, [Shard(dim)], run_check=False, shape=tuple(shape),
-                                  stride=(shape[1], 1))
+        return shard_like(p.device_mesh if is_dtensor(p) else None, self.proj.block.piece, t, dim, shape)
 
     def _to_kr(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.proj.side == "right" else t.t()
@@ -171,8 +166,8 @@ class SMMFMoments:
     def moments_layout(projector: Projector, rank: int) -> SMMFLayout:
         """SMMF's layout of the flattened ``(kept, rank)`` moments, this rank holding its kept rows."""
         numel = projector.kept_size * rank
-        piece = FlatSlice(numel, tuple((a * rank, b * rank) for a, b in projector.kept_bounds),
-                          projector.block.piece.rank, projector.block.group)
+        piece = dataclasses.replace(projector.block.piece, numel=numel,
+                                    bounds=tuple((a * rank, b * rank) for a, b in projector.kept_bounds))
         return SMMFLayout(numel, piece)
 
     @classmethod

@@ -212,7 +212,7 @@ class GaLoreAdamW(OptimizerBase):
             if is_lowrank_group(group) and len(unit.shape) >= 2 and math.prod(unit.shape) > 0:
                 p = unit.param
                 offsets = group.get("refresh_offsets")
-                mesh = p.device_mesh if is_dtensor(p) and p.device_mesh.ndim == 1 else None
+                mesh = p.device_mesh if is_dtensor(p) else None
                 projector = self.projector_class(self._config(group), RowBlock(matrix_shape(unit.shape), unit.piece),
                                                  offset=offsets[unit.index] if offsets else 0, name=unit.name,
                                                  mesh=mesh)

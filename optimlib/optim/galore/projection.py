@@ -54,10 +54,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from optimlib.distributed.layout import to_local
-from optimlib.distributed.row_block import RowBlock, chunk_bounds
+from optimlib.distributed.layout import shard_like, to_local
+from optimlib.distributed.row_block import RowBlock
 from optimlib.optim.state_spec import REPLICATED, SHARDED, StateSpec
 from optimlib.optim.galore.bases import (AUTO_SVD_LIMIT, PROJ_TYPES, PROJECTIONS, canonicalize_signs, choose_rank,
                                          dct, dct_basis, gaussian, mix_seed, random_orthogonal, resolve_side)
@@ -168,14 +167,14 @@ class Projector:
             self.kept_bounds = tuple(block.owned_rows)
             self.kept_size = self.m
         else:
-            self.kept_bounds = chunk_bounds(self.n, block.world_size)
+            self.kept_bounds = block.piece.split(self.n)
             self.kept = self.kept_bounds[block.piece.rank]
             self.kept_size = self.n
         self.basis_dim = self.n if self.side == "right" else self.m
         # A right basis (r, n) is needed whole by every rank; with shard_basis each rank stores a
         # torch.chunk block of its columns and the ranks all-gather it when they step.
         self.shard_right = config.shard_basis and block.distributed and self.side == "right"
-        self.basis_cols = chunk_bounds(self.n, block.world_size)
+        self.basis_cols = block.piece.split(self.n)
         self._gathered: tuple | None = None
         self._derived: dict = {}       # bases computed from indices/seeds, for this step only
 
@@ -305,8 +304,7 @@ class Projector:
         most = max(b - a for a, b in self.basis_cols)
         buf = chunk.new_zeros(chunk.shape[0], most)
         buf[:, : chunk.shape[1]] = chunk
-        parts = [torch.empty_like(buf) for _ in range(self.block.world_size)]
-        dist.all_gather(parts, buf, group=self.block.group)
+        parts = self.block.piece.all_gather(buf)
         full = torch.cat([t[:, : b - a] for t, (a, b) in zip(parts, self.basis_cols)], dim=1)
         self._gathered = (chunk, full)
         return full
@@ -318,8 +316,7 @@ class Projector:
         most = max(b - a for a, b in self.kept_bounds)
         buf = low.new_zeros(low.shape[0], most)
         buf[:, : low.shape[1]] = low
-        parts = [torch.empty_like(buf) for _ in range(self.block.world_size)]
-        dist.all_gather(parts, buf, group=self.block.group)
+        parts = self.block.piece.all_gather(buf)
         return torch.cat([t[:, : b - a] for t, (a, b) in zip(parts, self.kept_bounds)], dim=1)
 
     def overlap(self, old: dict, state: dict, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -395,23 +392,16 @@ class Projector:
             q_loc = torch.cat([q_loc, q_loc.new_zeros(q_loc.shape[0], k - q_loc.shape[1])], dim=1)
         if not block.distributed:
             return q_loc, r_loc
-        parts = [torch.empty_like(r_loc) for _ in range(block.world_size)]
-        dist.all_gather(parts, r_loc.contiguous(), group=block.group)
+        parts = block.piece.all_gather(r_loc)
         q_s, r_s = torch.linalg.qr(torch.cat(parts))                # (W k, k), (k, k)
         return q_loc @ q_s[block.piece.rank * k:(block.piece.rank + 1) * k], r_s
 
     def _as_dtensor(self, local: torch.Tensor):
-        """This rank's rows of the ``(m, r)`` left basis (``Shard(0)``) or columns of the ``(r, n)``
-        right basis (``Shard(1)``) as a DTensor on ``mesh`` (FSDP2), so that
-        ``torch.distributed.checkpoint`` saves every rank's piece."""
-        from torch.distributed.tensor import DTensor, Shard
-
+        """This rank's rows of the ``(m, r)`` left basis or columns of the ``(r, n)`` right basis as
+        a DTensor on ``mesh`` (FSDP2), so that ``torch.distributed.checkpoint`` saves every rank's piece."""
         if self.side == "left":
-            shape, placement = (self.m, local.shape[1]), Shard(0)
-        else:
-            shape, placement = (local.shape[0], self.n), Shard(1)
-        return DTensor.from_local(local.contiguous(), self.mesh, [placement], run_check=False, shape=shape,
-                                  stride=(shape[1], 1))
+            return shard_like(self.mesh, self.block.piece, local, 0, (self.m, local.shape[1]))
+        return shard_like(self.mesh, self.block.piece, local, 1, (local.shape[0], self.n))
 
     def _fallback(self, seed: int, dtype, device) -> dict:
         r = self.max_rank

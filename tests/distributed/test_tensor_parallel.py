@@ -1,0 +1,68 @@
+"""Every shape-aware optimizer on 4 CPU ranks, a (dp=2, tp=2) mesh, matches one process.
+
+Model and data: ``tp_parity_worker.py`` (a gated MLP under a LLaMA-style tensor-parallel plan and
+FSDP2 over dp: ``gate``/``up`` arrive as ``(_StridedShard(0), Shard(0))``, ``down`` as
+``(Shard(0), Shard(1))``, its bias as ``(Shard(0), Replicate())``).  10 steps, fp32.
+
+Tolerance: 1e-4 relative (max |diff| / max |param|, per tensor).  Observed on this harness:
+torch.optim.AdamW, the control, 1.4e-6; AdamP 1.6e-6, SGDP 1.9e-7, SMMF 3.5e-7, GaLore (exact
+SVD) 2.1e-6, GaLore with randomized bases rotated on refresh 3.3e-5 (the range finder's QR
+amplifies the data-parallel rounding that AdamW shows), the rest of the family at most 1.4e-6.
+
+Optimizer-state bytes: every state tensor sharded like its weight holds about a quarter per
+rank (tensors of a few hundred bytes: slot padding makes it up to 0.3), about a half for the
+bias and the norm, sharded over dp only (up to 0.6 for their 28-byte SMMF row factors); the
+small state every rank keeps whole by design -- step counters, SMMF's column factors, Q-GaLore's int8 basis and
+its cosine history, APOLLO's limiter norm -- is listed in ``REPLICATED`` and checked to be so.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import launch
+from parity_checks import assert_params_close, run_worker, single_run_fixture
+
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+WORKER = Path(__file__).with_name("tp_parity_worker.py")
+RTOL = 1e-4
+WEIGHTS = ("gate.weight", "up.weight", "down.weight")
+REPLICATED = {"step", "exp_avg_col", "exp_avg_sq_col", "leading_vector", "basis_codes", "basis_scales",
+              "basis_zeros", "cos_history", "limiter_norm", "indices"}
+single = single_run_fixture(WORKER)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "tp.pt"
+    launch(WORKER, ["tp", str(out)], launcher="torchrun", nproc=4, timeout=600)
+    return torch.load(out, weights_only=True)
+
+
+def test_placements_are_two_dimensional(four_ranks):
+    placed = four_ranks["adamw"]["placements"]
+    assert placed["gate.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert placed["down.weight"] == "(Shard(dim=0), Shard(dim=1))"
+    assert placed["down.bias"] == "(Shard(dim=0), Replicate())"
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamp", "sgdp", "smmf", "galore_svd", "galore_randomized_rotate",
+                                  "galore_dct_int8", "galore_random_sharded_basis", "galore_smmf", "galore_adamp",
+                                  "apollo", "apollo_mini", "fira", "q_galore", "coap"])
+def test_dp2_tp2_matches_one_process(single, four_ranks, name):
+    assert_params_close(single[name]["params"], four_ranks[name]["params"], RTOL, "tp", name)
+    whole = single[name]["by_key"][0]
+    ranks = four_ranks[name]["by_key"]
+    assert all(set(r) == set(whole) for r in ranks), name
+    for key, one in whole.items():
+        param, entry = key.split("/")
+        held = [r[key] for r in ranks]
+        if entry in REPLICATED:
+            assert held == [one] * 4, (name, key, held, one)
+        elif param in WEIGHTS:
+            assert max(held) <= 0.3 * one and sum(held) >= one, (name, key, held, one)
+        else:  # down.bias (replicated over tp) and the norm (1-D mesh): halves
+            assert max(held) <= 0.6 * one and sum(held) >= 2 * one, (name, key, held, one)

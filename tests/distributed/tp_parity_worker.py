@@ -1,0 +1,148 @@
+"""Worker for test_tensor_parallel.py: every shape-aware optimizer on a (dp=2, tp=2) mesh.
+
+``python worker.py single OUT`` trains in one process; ``torchrun --nproc_per_node 4 worker.py
+tp OUT`` builds a (dp, tp) = (2, 2) mesh, applies a LLaMA-style tensor-parallel plan to a gated
+MLP -- ``gate`` and ``up`` column-wise (``Shard(0)`` over tp), ``down`` row-wise (``Shard(1)``) --
+then ``fully_shard`` over dp, so the weights arrive as ``(_StridedShard(0), Shard(0))`` (row
+blocks in another order than the ranks) and ``(Shard(0), Shard(1))`` (blocks of rows and
+columns); down's bias is ``(Shard(0), Replicate())``.  The dp ranks train on halves of
+every global batch, the tp ranks of one dp group on the same half.  Shapes are uneven where
+torch's tensor parallelism allows it: 54 hidden features (27 per tp rank -- a row-wise layer's
+input must split evenly -- then 14 + 13 over dp), 37 model features (19 + 18 over dp).
+
+Every run writes the final full parameters and every rank's optimizer-state bytes to ``OUT``.
+``adamw`` (torch.optim.AdamW) is the control: what 2-D data-parallel rounding alone reaches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parity_common import full_params, main, per_rank, train
+
+STEPS = 10
+GLOBAL_BATCH = 8
+TARGETS = ["gate", "up", "down"]
+
+# name -> (registry name, constructor kwargs)
+OPTIMIZERS = {
+    "adamw": ("adamw", dict(lr=1e-2, weight_decay=1e-2)),
+    "adamp": ("adamp", dict(lr=1e-2, weight_decay=1e-2, nesterov=True)),
+    "sgdp": ("sgdp", dict(lr=5e-2, momentum=0.9, weight_decay=1e-3)),
+    "smmf": ("smmf", dict(lr=1e-2, weight_decay=1e-2, decay_rate=-0.8)),
+    "galore_svd": ("galore_adamw", dict(lr=1e-2, weight_decay=1e-2, rank=4, update_proj_gap=4, scale=0.5,
+                                        projection="svd", target_modules=TARGETS)),
+    "galore_randomized_rotate": ("galore_adamw", dict(lr=1e-2, weight_decay=1e-2, rank=4, update_proj_gap=3,
+                                                      scale=0.5, projection="randomized", on_refresh="rotate",
+                                                      target_modules=TARGETS)),
+    "galore_dct_int8": ("galore_adamw", dict(lr=1e-2, weight_decay=1e-2, rank=4, update_proj_gap=3, scale=0.5,
+                                             projection="dct", moments_dtype="int8", quant_block=4,
+                                             target_modules=TARGETS)),
+    "galore_random_sharded_basis": ("galore_adamw", dict(lr=1e-2, weight_decay=1e-2, rank=4, update_proj_gap=3,
+                                                         scale=0.5, projection="random", shard_basis=True,
+                                                         target_modules=TARGETS)),
+    "galore_smmf": ("galore_smmf", dict(lr=1e-2, weight_decay=1e-2, decay_rate=-0.8, eps=1e-8, rank=3,
+                                        update_proj_gap=3, scale=0.5, projection="dct", on_refresh="rotate",
+                                        target_modules=TARGETS)),
+    "galore_adamp": ("galore_adamp", dict(lr=1e-2, weight_decay=1e-2, eps=1e-8, nesterov=True, rank=5,
+                                          update_proj_gap=4, scale=0.5, projection="random",
+                                          target_modules=TARGETS)),
+    "apollo": ("apollo_adamw", dict(lr=1e-2, weight_decay=1e-2, rank=4, update_proj_gap=3, target_modules=TARGETS)),
+    "apollo_mini": ("apollo_mini", dict(lr=1e-2, weight_decay=1e-2, update_proj_gap=3, target_modules=TARGETS)),
+    "fira": ("fira_adamw", dict(lr=1e-2, weight_decay=1e-2, rank=4, update_proj_gap=3, target_modules=TARGETS)),
+    "q_galore": ("q_galore_adamw", dict(lr=1e-2, weight_decay=1e-2, rank=4, update_proj_gap=3,
+                                        target_modules=TARGETS)),
+    "coap": ("coap_adamw", dict(lr=1e-2, weight_decay=1e-2, rank=4, update_proj_gap=3, target_modules=TARGETS)),
+}
+
+
+class GatedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(37, 54, bias=False)   # column-wise
+        self.up = nn.Linear(37, 54, bias=False)     # column-wise
+        self.down = nn.Linear(54, 37)               # row-wise; its bias is replicated over tp
+        self.norm = nn.LayerNorm(37)                # down is scale-invariant as a whole (AdamP's layer view)
+
+    def forward(self, x):
+        return self.norm(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+def batches():
+    g = torch.Generator().manual_seed(4321)
+    target = torch.randn(37, generator=g)
+    for _ in range(STEPS):
+        yield torch.randn(GLOBAL_BATCH, 37, generator=g), target
+
+
+def local_loss(model, batch, lo, hi):
+    x, target = batch
+    y = model(x[lo:hi])
+    return F.mse_loss(y, target.expand_as(y))
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return GatedMLP()
+
+
+def parallelize(model):
+    """(dp, tp) = (2, 2): the tensor-parallel plan on tp, then FSDP2 over dp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"gate": ColwiseParallel(), "up": ColwiseParallel(),
+                                           "down": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    return model, mesh
+
+
+def placements(model) -> dict:
+    return {n: str(tuple(p.placements)) for n, p in model.named_parameters()}
+
+
+def state_by_key(opt, world: int) -> list[dict]:
+    """Every rank's optimizer-state bytes per ``"parameter/state key"``."""
+    from optimlib.distributed.layout import to_local
+
+    names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g.get("names") or [])}
+    mine = {f"{names[p]}/{k}": to_local(v).numel() * v.element_size()
+            for p, s in opt.state.items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    if world == 1:
+        return [mine]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def run(engine: str, name: str, out: str) -> dict:
+    from optimlib.optim import create_optimizer, optimizer_state_bytes
+
+    opt_name, kwargs = OPTIMIZERS[name]
+    kwargs = dict(kwargs)
+    lr, wd = kwargs.pop("lr"), kwargs.pop("weight_decay")
+    model = make_model()
+    result = {}
+    if engine == "single":
+        world, lo, hi = 1, 0, GLOBAL_BATCH
+    else:
+        model, mesh = parallelize(model)
+        world = dist.get_world_size()
+        half = GLOBAL_BATCH // 2
+        lo = mesh["dp"].get_local_rank() * half
+        hi = lo + half
+        result["placements"] = placements(model)
+    opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
+    train(model, opt, batches(), local_loss, lo, hi)
+    (state_bytes,) = per_rank([optimizer_state_bytes(opt)], world)
+    result.update(params=full_params(model), state_bytes=state_bytes, by_key=state_by_key(opt, world))
+    return result
+
+
+if __name__ == "__main__":
+    main(run, lambda engine: tuple(OPTIMIZERS))
