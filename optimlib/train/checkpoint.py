@@ -129,9 +129,11 @@ def read_manifest(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def _seal(tmp: Path, final: Path, step: int, engine_name: str, world_size: int, run: dict | None) -> None:
+def _seal(tmp: Path, final: Path, step: int, engine_name: str, world_size: int, run: dict | None,
+          tp: int = 1) -> None:
     """fsync the files in ``tmp``, write their manifest (``run``: the writer's identity, see
-    :func:`run_record`), rename ``tmp`` to ``final`` (one process)."""
+    :func:`run_record`; ``tp``: its tensor-parallel degree, recorded when > 1), rename ``tmp`` to
+    ``final`` (one process)."""
     try:
         _fsync_tree(tmp)
         paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
@@ -141,6 +143,8 @@ def _seal(tmp: Path, final: Path, step: int, engine_name: str, world_size: int, 
                     "sha256": {n: _sha256(p) for n, p in zip(names, paths)}}
         if run is not None:
             manifest["run"] = run
+        if tp > 1:
+            manifest["tp"] = tp
         with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()
@@ -179,7 +183,7 @@ def save(engine, root: Path, step: int, meta: dict, run: dict | None = None) -> 
         raise CheckpointError(f"could not write the checkpoint of step {step} under '{root}' ({reason}); "
                               f"the earlier checkpoints there are intact") from failed
     if engine.rank == 0:
-        _seal(tmp, final, step, engine.name, engine.world_size, run)
+        _seal(tmp, final, step, engine.name, engine.world_size, run, engine.tp)
     engine.barrier()
     return final
 
@@ -220,6 +224,7 @@ def load(engine, path: Path, *, trusted: bool = False) -> dict:
     if not _manifest_ok(path):
         raise FileNotFoundError(f"'{path}' is not a complete optimlib checkpoint (missing or mismatched {MANIFEST})")
     manifest = read_manifest(path)
+    _check_tensor_parallel(engine, path, manifest)
     same_files = manifest["engine"] in FULL_STATE_ENGINES and engine.name in FULL_STATE_ENGINES
     native = (manifest["engine"] == engine.name
               and (manifest["world_size"] == engine.world_size or engine.name in FULL_STATE_ENGINES))
@@ -232,6 +237,18 @@ def load(engine, path: Path, *, trusted: bool = False) -> dict:
     if zero_checkpoint.ENGINE in (manifest["engine"], engine.name):
         return zero_checkpoint.load_converted(engine, path, manifest, trusted=trusted)
     return reshard.load_converted(engine, path, manifest, trusted=trusted)
+
+
+def _check_tensor_parallel(engine, path: Path, manifest: dict) -> None:
+    """A tensor-parallel checkpoint resumes only as it was written: same ``parallel.tp``, engine and
+    world size (its state lies on the 2-D mesh; no converter reads it)."""
+    saved, now = int(manifest.get("tp", 1)), int(getattr(engine, "tp", 1))
+    if (saved > 1 or now > 1) and (saved, manifest["engine"], manifest["world_size"]) != (now, engine.name,
+                                                                                          engine.world_size):
+        raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']} with parallel.tp={saved} on "
+                         f"{manifest['world_size']} rank(s); this run is engine={engine.name} with parallel.tp={now} "
+                         f"on {engine.world_size} rank(s).  A tensor-parallel checkpoint resumes only with the "
+                         f"parallel.tp and number of ranks that wrote it")
 
 
 def _check_convertible(engine, path: Path, manifest: dict) -> None:

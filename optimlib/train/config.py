@@ -89,6 +89,14 @@ class DeepSpeedSection:
 
 
 @dataclass
+class ParallelSection:
+    tp: int = 1
+    """Tensor-parallel degree (torchrun, the fsdp2 engine): the attention's q/k/v and the MLP's
+    gate/up projections column-wise, o/down row-wise over ``tp`` ranks, FSDP2 over the world size
+    divided by ``tp`` (docs/distributed.md)."""
+
+
+@dataclass
 class ReparamConfig:
     method: Optional[str] = None
     targets: Optional[list] = None
@@ -123,6 +131,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     reparam: ReparamConfig = field(default_factory=ReparamConfig)
 
 
@@ -316,6 +325,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'train.on_nonfinite' must be auto, skip or stop, got {t.on_nonfinite!r}")
     if cfg.engine not in ENGINES:
         raise ConfigError(f"config key 'engine' must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if cfg.parallel.tp < 1:
+        raise ConfigError(f"config key 'parallel.tp' must be >= 1, got {cfg.parallel.tp}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if not 0.0 < cfg.data.eval_fraction < 1.0:

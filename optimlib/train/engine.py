@@ -107,6 +107,22 @@ def param_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, the same on every rank: DTensors are normed per
+    device mesh (tensor parallelism puts the blocks' linears on a 2-D mesh and the rest on its
+    data-parallel dimension; DTensor counts each replicated copy once), then combined."""
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(id(g.device_mesh) if hasattr(g, "device_mesh") else None, []).append(g)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, foreach=True)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if len(norms) == 1:
+        return norms[0]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scale ``grads`` by ``min(1, max_norm / (total_norm + 1e-6))`` when ``max_norm > 0``: the
     rule (and fp32 coefficient) of ``torch.nn.utils.clip_grads_with_norm_``, applied as a scalar,
@@ -138,6 +154,9 @@ class Engine:
         self.device = device
         self.rank = rank
         self.world_size = world_size
+        self.tp = cfg.parallel.tp
+        """Tensor-parallel degree: ranks ``d * tp .. d * tp + tp - 1`` hold one model replica's shards
+        and train on the same data (the data-parallel rank ``d``)."""
         self.model: nn.Module | None = None
         self.optimizer = None
         self.replicated: ReplicatedParams | None = None
@@ -182,7 +201,16 @@ class Engine:
     def accumulation(self) -> int:
         """Micro-batches per optimizer step on each rank."""
         t = self.cfg.train
-        return t.batch_size // (micro_batch_for(t, self.world_size) * self.world_size)
+        return t.batch_size // (micro_batch_for(t, self.data_world) * self.data_world)
+
+    @property
+    def data_world(self) -> int:
+        """Data-parallel ranks: those that take different shares of each global batch."""
+        return self.world_size // self.tp
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.tp
 
     def setup(self, model: nn.Module) -> None:
         self.model = model.to(self.device)
@@ -269,9 +297,7 @@ class Engine:
             optimizers = [self.optimizer]
             grads = [[p.grad for p in self.model.parameters() if p.grad is not None]]
             self._grad_bytes_peak = max(self._grad_bytes_peak, sum(to_local(g).nbytes for g in grads[0]))
-            total = torch.nn.utils.get_total_norm(grads[0], foreach=True)
-            if hasattr(total, "full_tensor"):
-                total = total.full_tensor()
+            total = total_grad_norm(grads[0])
         if self.replicated is not None:
             self.replicated.average_grads_()
             total = torch.linalg.vector_norm(torch.stack([total, self.replicated.grad_norm().to(total)]))
@@ -413,7 +439,9 @@ class SingleEngine(Engine):
 
 
 class FSDP2Engine(Engine):
-    """``fully_shard`` on every transformer block, then on the root (torchrun)."""
+    """``fully_shard`` on every transformer block, then on the root (torchrun).  With
+    ``parallel.tp`` > 1, the blocks are first tensor-parallel over the mesh's ``tp`` dimension
+    (:mod:`optimlib.train.tensor_parallel`) and FSDP2 shards over its ``dp`` dimension."""
 
     name = "fsdp2"
     shards_gradients = True
@@ -424,7 +452,14 @@ class FSDP2Engine(Engine):
 
         model = model.to(self.device)
         self.split_replicated(model)
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        if self.tp > 1:
+            from optimlib.train.tensor_parallel import apply_tensor_parallel
+
+            mesh_2d = init_device_mesh(self.device.type, (self.data_world, self.tp), mesh_dim_names=("dp", "tp"))
+            apply_tensor_parallel(model, mesh_2d["tp"])
+            mesh = mesh_2d["dp"]
+        else:
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
         for block in model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)

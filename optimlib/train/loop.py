@@ -26,6 +26,7 @@ from optimlib.train.engine import NonFiniteGradientError, detect_engine, init_di
 from optimlib.train.engines import ENGINES
 from optimlib.train.metrics import MetricsWriter, format_bytes, peak_flops, peak_rss_bytes, write_summary
 from optimlib.train.schedule import warmup_cosine
+from optimlib.train.tensor_parallel import check_tensor_parallel
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +63,19 @@ def check_engine_config(cfg: RunConfig, engine_name: str) -> None:
                           f"config={cfg.deepspeed.config!r}) asks for DeepSpeed, but this run's engine is "
                           f"{engine_name} (launcher: {'python' if engine_name == 'single' else 'torchrun'}); launch "
                           f"with `deepspeed launch/pretrain.py ...` or drop the deepspeed settings")
+    if cfg.parallel.tp > 1:
+        if engine_name != "fsdp2":
+            raise ConfigError(f"config key 'parallel.tp' ({cfg.parallel.tp}) needs the fsdp2 engine (torchrun), "
+                              f"this run's engine is {engine_name}; launch with torchrun and engine=auto or fsdp2")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % cfg.parallel.tp:
+            raise ConfigError(f"config key 'parallel.tp' ({cfg.parallel.tp}) must divide the number of ranks "
+                              f"({world}): the mesh is (ranks / tp) data-parallel x tp tensor-parallel ranks")
+        for key, value in (("train.layerwise", cfg.train.layerwise), ("reparam.method", cfg.reparam.method)):
+            if value:
+                raise ConfigError(f"config key '{key}' ({value}) is not available with parallel.tp > 1: the "
+                                  f"tensor-parallel plan shards plain nn.Linear layers and steps after the "
+                                  f"backward pass; set parallel.tp=1 or drop {key}")
     if engine_name == "ddp" and "RANK" not in os.environ:
         raise ConfigError("engine=ddp needs torchrun (torchrun --nproc_per_node N launch/pretrain.py ... "
                           "engine=ddp); this process was started without it")
@@ -121,8 +135,10 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     if engine_name == "single" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("engine=single was asked for, but the launcher started several ranks")
     t = cfg.train
-    micro = micro_batch_for(t, world)
-    accum = t.batch_size // (micro * world)
+    data_world = world // cfg.parallel.tp           # the tp ranks of a replica share its data
+    data_rank = rank // cfg.parallel.tp
+    micro = micro_batch_for(t, data_world)
+    accum = t.batch_size // (micro * data_world)
 
     corpus = load_corpus(cfg.data)
     seed_everything(cfg.seed)
@@ -133,6 +149,8 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     if corpus.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the corpus has {corpus.vocab_size} token ids but model '{cfg.model.name}' has a "
                           f"vocabulary of {model.config.vocab_size}; set model.vocab_size")
+    if cfg.parallel.tp > 1:
+        check_tensor_parallel(model.config, cfg.parallel.tp)
     model = _apply_reparam(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
@@ -142,11 +160,12 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
 
     train_blocks = PackedBlocks(corpus.train, cfg.data.seq_len)
     eval_blocks = PackedBlocks(corpus.eval, cfg.data.seq_len)
-    n_eval = min(t.eval_blocks, len(eval_blocks)) // world * world
+    n_eval = min(t.eval_blocks, len(eval_blocks)) // data_world * data_world
     if n_eval == 0:
         raise ConfigError(f"the held-out split has {len(eval_blocks)} blocks of data.seq_len+1 tokens, fewer "
-                          f"than the {world} rank(s); raise data.eval_fraction or lower data.seq_len")
-    eval_batch = eval_blocks.get(rank_indices(np.arange(n_eval), rank, world)).to(device)
+                          f"than the {data_world} data-parallel rank(s); raise data.eval_fraction or lower "
+                          f"data.seq_len")
+    eval_batch = eval_blocks.get(rank_indices(np.arange(n_eval), data_rank, data_world)).to(device)
 
     start_step = 0
     resume_path, meta = checkpoint.load_first_good(engine, resume_candidates, run=expected_run,
@@ -184,7 +203,8 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
         tic = time.perf_counter()
         factor = warmup_cosine(step, total_steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
         engine.set_lr(factor)
-        mine = rank_indices(global_batch_indices(step, t.batch_size, len(train_blocks), cfg.seed), rank, world)
+        mine = rank_indices(global_batch_indices(step, t.batch_size, len(train_blocks), cfg.seed), data_rank,
+                            data_world)
         losses = []
         try:
             for k in range(accum):

@@ -1,0 +1,63 @@
+"""``parallel.tp``: the config errors and checkpoint refusals, raised before anything is built."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from optimlib.models.configs import CONFIGS
+from optimlib.train import checkpoint
+from optimlib.train.config import ConfigError, load_config
+from optimlib.train.loop import check_engine_config
+from optimlib.train.tensor_parallel import check_tensor_parallel
+
+
+def test_tp_must_be_positive():
+    with pytest.raises(ConfigError, match="'parallel.tp' must be >= 1, got 0"):
+        load_config(None, ["parallel.tp=0"])
+
+
+@pytest.mark.parametrize("engine", ["single", "ddp", "deepspeed"])
+def test_tp_needs_the_fsdp2_engine(monkeypatch, engine):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=rf"'parallel.tp' \(2\) needs the fsdp2 engine .* engine is {engine}"):
+        check_engine_config(load_config(None, ["parallel.tp=2"]), engine)
+
+
+def test_tp_must_divide_the_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ConfigError, match=r"'parallel.tp' \(4\) must divide the number of ranks \(6\)"):
+        check_engine_config(load_config(None, ["parallel.tp=4"]), "fsdp2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check_engine_config(load_config(None, ["parallel.tp=4"]), "fsdp2")
+
+
+@pytest.mark.parametrize("key", ["train.layerwise=true", "reparam.method=sltrain"])
+def test_tp_refuses_what_its_plan_cannot_shard(monkeypatch, key):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{name}' .* is not available with parallel.tp > 1"):
+        check_engine_config(load_config(None, ["parallel.tp=2", key, "train.grad_clip=0"]), "fsdp2")
+
+
+def test_tp_must_divide_heads_and_hidden_features():
+    tiny = CONFIGS["llama_tiny"]                  # 4 heads, 352 hidden features
+    check_tensor_parallel(tiny, 4)
+    with pytest.raises(ConfigError, match=r"'parallel.tp' \(8\) must divide the attention heads .* \(4\)"):
+        check_tensor_parallel(tiny, 8)
+    with pytest.raises(ConfigError, match=r"'parallel.tp' \(3\) must divide the attention heads"):
+        check_tensor_parallel(tiny, 3)
+    with pytest.raises(ConfigError, match=r"must divide the MLP hidden features \(352\)"):
+        check_tensor_parallel(SimpleNamespace(n_heads=6, hidden_dim=352), 3)
+
+
+@pytest.mark.parametrize("saved, now", [((2, "fsdp2", 4), (1, "fsdp2", 4)), ((1, "fsdp2", 2), (2, "fsdp2", 4)),
+                                        ((2, "fsdp2", 4), (2, "fsdp2", 8)), ((2, "fsdp2", 4), (1, "single", 1))])
+def test_a_tensor_parallel_checkpoint_resumes_only_as_written(tmp_path, saved, now):
+    manifest = {"tp": saved[0], "engine": saved[1], "world_size": saved[2]}
+    engine = SimpleNamespace(tp=now[0], name=now[1], world_size=now[2])
+    with pytest.raises(ValueError, match=rf"parallel.tp={saved[0]} on {saved[2]} rank\(s\); this run is "
+                                         rf"engine={now[1]} with parallel.tp={now[0]}"):
+        checkpoint._check_tensor_parallel(engine, tmp_path, manifest)
+    checkpoint._check_tensor_parallel(SimpleNamespace(tp=saved[0], name=saved[1], world_size=saved[2]), tmp_path,
+                                      manifest)
