@@ -8,7 +8,7 @@ from optimlib.models.configs import CONFIGS
 from optimlib.train import checkpoint
 from optimlib.train.config import ConfigError, load_config
 from optimlib.train.loop import check_engine_config
-from optimlib.train.tensor_parallel import check_tensor_parallel
+from optimlib.models.tensor_parallel import tensor_parallel_problem
 
 
 def test_tp_must_be_positive():
@@ -41,14 +41,19 @@ def test_tp_refuses_what_its_plan_cannot_shard(monkeypatch, key):
 
 
 def test_tp_must_divide_heads_and_hidden_features():
-    tiny = CONFIGS["llama_tiny"]                  # 4 heads, 352 hidden features
-    check_tensor_parallel(tiny, 4)
-    with pytest.raises(ConfigError, match=r"'parallel.tp' \(8\) must divide the attention heads .* \(4\)"):
-        check_tensor_parallel(tiny, 8)
-    with pytest.raises(ConfigError, match=r"'parallel.tp' \(3\) must divide the attention heads"):
-        check_tensor_parallel(tiny, 3)
-    with pytest.raises(ConfigError, match=r"must divide the MLP hidden features \(352\)"):
-        check_tensor_parallel(SimpleNamespace(n_heads=6, hidden_dim=352), 3)
+    tiny = CONFIGS["llama_tiny"]                        # 4 heads, 352 hidden features
+    assert tensor_parallel_problem(tiny, 4) is None
+    assert "8 must divide the attention heads (n_heads), 4" in tensor_parallel_problem(tiny, 8)
+    assert "3 must divide the attention heads" in tensor_parallel_problem(tiny, 3)
+    assert "3 must divide the MLP hidden features (hidden_dim), 352" in tensor_parallel_problem(
+        SimpleNamespace(n_heads=6, hidden_dim=352), 3)
+
+
+def test_the_launcher_names_parallel_tp_when_the_model_does_not_fit(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ConfigError, match=r"'parallel.tp' \(8\) does not fit model 'llama_tiny': 8 must divide "
+                                          r"the attention heads"):
+        check_engine_config(load_config(None, ["parallel.tp=8"]), "fsdp2")
 
 
 @pytest.mark.parametrize("saved, now", [((2, "fsdp2", 4), (1, "fsdp2", 4)), ((1, "fsdp2", 2), (2, "fsdp2", 4)),

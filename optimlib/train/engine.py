@@ -441,7 +441,7 @@ class SingleEngine(Engine):
 class FSDP2Engine(Engine):
     """``fully_shard`` on every transformer block, then on the root (torchrun).  With
     ``parallel.tp`` > 1, the blocks are first tensor-parallel over the mesh's ``tp`` dimension
-    (:mod:`optimlib.train.tensor_parallel`) and FSDP2 shards over its ``dp`` dimension."""
+    (:mod:`optimlib.models.tensor_parallel`) and FSDP2 shards over its ``dp`` dimension."""
 
     name = "fsdp2"
     shards_gradients = True
@@ -453,7 +453,7 @@ class FSDP2Engine(Engine):
         model = model.to(self.device)
         self.split_replicated(model)
         if self.tp > 1:
-            from optimlib.train.tensor_parallel import apply_tensor_parallel
+            from optimlib.models.tensor_parallel import apply_tensor_parallel
 
             mesh_2d = init_device_mesh(self.device.type, (self.data_world, self.tp), mesh_dim_names=("dp", "tp"))
             apply_tensor_parallel(model, mesh_2d["tp"])

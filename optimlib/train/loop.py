@@ -19,14 +19,14 @@ import torch
 
 from optimlib.data import PackedBlocks, global_batch_indices, load_corpus, rank_indices
 from optimlib import reparam
-from optimlib.models import build_model
+from optimlib.models import build_model, get_config
+from optimlib.models.tensor_parallel import tensor_parallel_problem
 from optimlib.train import checkpoint, run_dir
 from optimlib.train.config import ConfigError, RunConfig, micro_batch_for, run_identity, to_dict
 from optimlib.train.engine import NonFiniteGradientError, detect_engine, init_distributed, pick_device
 from optimlib.train.engines import ENGINES
 from optimlib.train.metrics import MetricsWriter, format_bytes, peak_flops, peak_rss_bytes, write_summary
 from optimlib.train.schedule import warmup_cosine
-from optimlib.train.tensor_parallel import check_tensor_parallel
 
 
 def seed_everything(seed: int) -> None:
@@ -71,6 +71,10 @@ def check_engine_config(cfg: RunConfig, engine_name: str) -> None:
         if world % cfg.parallel.tp:
             raise ConfigError(f"config key 'parallel.tp' ({cfg.parallel.tp}) must divide the number of ranks "
                               f"({world}): the mesh is (ranks / tp) data-parallel x tp tensor-parallel ranks")
+        problem = tensor_parallel_problem(get_config(cfg.model.name), cfg.parallel.tp)
+        if problem:
+            raise ConfigError(f"config key 'parallel.tp' ({cfg.parallel.tp}) does not fit model "
+                              f"'{cfg.model.name}': {problem}")
         for key, value in (("train.layerwise", cfg.train.layerwise), ("reparam.method", cfg.reparam.method)):
             if value:
                 raise ConfigError(f"config key '{key}' ({value}) is not available with parallel.tp > 1: the "
@@ -149,8 +153,6 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     if corpus.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the corpus has {corpus.vocab_size} token ids but model '{cfg.model.name}' has a "
                           f"vocabulary of {model.config.vocab_size}; set model.vocab_size")
-    if cfg.parallel.tp > 1:
-        check_tensor_parallel(model.config, cfg.parallel.tp)
     model = _apply_reparam(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.num_flops_per_token(cfg.data.seq_len)

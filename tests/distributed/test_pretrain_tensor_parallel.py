@@ -1,7 +1,7 @@
 """``torchrun --nproc_per_node 4 launch/pretrain.py ... parallel.tp=2`` matches one process.
 
 The launcher's (dp=2, tp=2) mesh: the LLaMA blocks' q/k/v/gate/up column-wise and o/down
-row-wise over tp, FSDP2 over dp (optimlib/train/tensor_parallel.py).  Same global batches, fp32,
+row-wise over tp, FSDP2 over dp (optimlib/models/tensor_parallel.py).  Same global batches, fp32,
 gradient clipping on.  Tolerance: 2e-5 relative on every step's loss and the final eval loss;
 observed at most 2e-7 (AdamW 9e-8, GaLore AdamW 5e-8, SMMF 1.9e-7).  The tensor-parallel run's
 own step-3 checkpoint resumes bit-exactly (GaLore AdamW: bases, low-rank moments, a refresh every

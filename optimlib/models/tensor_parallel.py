@@ -1,4 +1,4 @@
-"""The launcher's tensor-parallel plan for the LLaMA decoder (``parallel.tp``).
+"""The tensor-parallel plan of the LLaMA decoder (the launcher's ``parallel.tp``).
 
 Within every block, the projections that fan out -- the attention's ``q_proj``/``k_proj``/
 ``v_proj`` and the MLP's ``gate_proj``/``up_proj`` -- are column-wise parallel (each tp rank holds
@@ -15,20 +15,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from optimlib.train.config import ConfigError
-
 COLUMN_WISE = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW_WISE = ("attn.o_proj", "mlp.down_proj")
 
 
-def check_tensor_parallel(model_config, tp: int) -> None:
-    """Raise :class:`ConfigError` naming ``parallel.tp`` unless ``tp`` divides the attention heads
-    and the MLP's hidden features of the model of ``model_config``."""
-    for what, size in (("attention heads (model.n_heads)", model_config.n_heads),
-                       ("MLP hidden features", model_config.hidden_dim)):
+def tensor_parallel_problem(model_config, tp: int) -> str | None:
+    """Why ``tp`` ranks cannot share the blocks of a model of ``model_config`` (``None``: they can):
+    each must hold an equal share of the attention heads and of the MLP's hidden features."""
+    for what, size in (("attention heads (n_heads)", model_config.n_heads),
+                       ("MLP hidden features (hidden_dim)", model_config.hidden_dim)):
         if size % tp:
-            raise ConfigError(f"config key 'parallel.tp' ({tp}) must divide the {what} ({size}): each tensor-"
-                              f"parallel rank holds an equal share of them")
+            return f"{tp} must divide the {what}, {size}: each tensor-parallel rank holds an equal share"
+    return None
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
