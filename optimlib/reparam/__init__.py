@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 from torch import nn
 from torch.nn.utils import parametrize
 
+from optimlib.distributed.layout import is_dtensor
 from optimlib.optim.factory import target_linears
 from optimlib.registry import Registry
 
@@ -75,10 +76,24 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply(model: nn.Module, method: str, targets: Sequence[str] | None = None, **options) -> nn.Module:
     """Reparameterize the ``targets`` linears of ``model`` (default: attention and MLP) with
-    ``method``; returns ``model`` (changed in place)."""
+    ``method``; returns ``model`` (changed in place).
+
+    Apply it to the plain model, before any sharding: FSDP2 (``fully_shard``) and DeepSpeed then
+    shard the reparameterized layers like any module.  A linear whose weight is already a DTensor
+    (tensor parallel, or sharded) is refused, naming it: the reparameterized layers have no
+    tensor-parallel plan (``ColwiseParallel``/``RowwiseParallel`` shard plain ``nn.Linear`` only).
+    """
     spec = get_reparam_spec(method)
     options = {**spec.defaults, **options}
-    for name, linear in target_linears(model, targets):
+    targeted = target_linears(model, targets)
+    for name, linear in targeted:
+        if is_dtensor(linear.weight):
+            raise ValueError(
+                f"optimlib.reparam.apply({method!r}): linear {name!r} is already distributed (its weight is a DTensor "
+                f"placed {tuple(linear.weight.placements)}).  Reparameterize the plain model, then shard it with "
+                f"fully_shard or DeepSpeed; reparameterized layers cannot be tensor-parallel, so leave them out "
+                f"of the tensor-parallel plan (or leave this linear out of the targets)")
+    for name, linear in targeted:
         new = spec.convert(linear, **options)
         if new is not linear:
             _set_submodule(model, name, new)

@@ -49,6 +49,11 @@ def test_placements_are_two_dimensional(four_ranks):
     assert placed["down.bias"] == "(Shard(dim=0), Replicate())"
 
 
+def test_reparameterizing_a_tensor_parallel_linear_is_refused(four_ranks):
+    said = four_ranks["adamw"]["reparam_refusal"]
+    assert "linear 'down' is already distributed (its weight is a DTensor placed (Shard(dim=0), Shard(dim=1)))" in said
+
+
 @pytest.mark.parametrize("name", ["adamw", "adamp", "sgdp", "smmf", "galore_svd", "galore_randomized_rotate",
                                   "galore_dct_int8", "galore_random_sharded_basis", "galore_smmf", "galore_adamp",
                                   "apollo", "apollo_mini", "fira", "q_galore", "coap"])

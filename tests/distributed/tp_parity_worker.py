@@ -120,6 +120,17 @@ def state_by_key(opt, world: int) -> list[dict]:
     return every
 
 
+def reparam_refusal(model) -> str:
+    """What optimlib.reparam.apply says of a tensor-parallel linear (it must refuse it)."""
+    from optimlib import reparam
+
+    try:
+        reparam.apply(model, "compander", targets=["down"])
+    except ValueError as err:
+        return str(err)
+    return "applied"
+
+
 def run(engine: str, name: str, out: str) -> dict:
     from optimlib.optim import create_optimizer, optimizer_state_bytes
 
@@ -137,6 +148,7 @@ def run(engine: str, name: str, out: str) -> dict:
         lo = mesh["dp"].get_local_rank() * half
         hi = lo + half
         result["placements"] = placements(model)
+        result["reparam_refusal"] = reparam_refusal(model)
     opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
     train(model, opt, batches(), local_loss, lo, hi)
     (state_bytes,) = per_rank([optimizer_state_bytes(opt)], world)
