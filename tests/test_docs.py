@@ -155,6 +155,9 @@ NM_COMPANDER = {"FSDP2": "tests/distributed/test_nm_compander_distributed.py::te
                           "test_deepspeed_zero2_two_ranks_match_one_process"}
 
 
+TENSOR_PARALLEL = "tests/distributed/test_tensor_parallel.py::test_dp2_tp2_matches_one_process"
+
+
 def _coverage() -> dict[tuple[str, str], str]:
     """``(method, column) -> "file::test"`` for every cell the README marks ✓."""
     cov = {}
@@ -166,6 +169,7 @@ def _coverage() -> dict[tuple[str, str], str]:
     for name in list_optimizers():
         for column in ("FSDP2", "ZeRO-1", "ZeRO-2", "ZeRO-3"):
             cov[name, column] = USER_SCRIPTS
+        cov[name, "TP"] = TENSOR_PARALLEL
     for name, test in REPARAM_PARITY.items():
         for column in ("FSDP2", "ZeRO-2", "ZeRO-3"):
             cov[name, column] = test
@@ -201,7 +205,8 @@ def test_support_matrix_lists_every_method_and_equals_the_coverage():
                                      "tested but not marked": sorted(set(COVERAGE) - marked)}
     for name, cells in rows.items():
         assert set(cells.values()) <= {"✓", "·", "—"}, (name, cells)
-        assert cells["TP"] == "—", "tensor parallelism has no engine"
+        if name in REPARAMS:
+            assert cells["TP"] == "—", "reparameterized layers have no tensor-parallel plan"
 
 
 def list_optimizers_in_readme_order(rows) -> list[str]:
