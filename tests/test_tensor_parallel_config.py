@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from optimlib.models.configs import CONFIGS
-from optimlib.train import checkpoint
+from optimlib.train import checkpoint, reshard
 from optimlib.train.config import ConfigError, load_config
 from optimlib.train.loop import check_engine_config
 from optimlib.models.tensor_parallel import tensor_parallel_problem
@@ -66,3 +66,10 @@ def test_a_tensor_parallel_checkpoint_resumes_only_as_written(tmp_path, saved, n
         checkpoint._check_tensor_parallel(engine, tmp_path, manifest)
     checkpoint._check_tensor_parallel(SimpleNamespace(tp=saved[0], name=saved[1], world_size=saved[2]), tmp_path,
                                       manifest)
+
+
+def test_a_tensor_parallel_checkpoint_is_not_converted(tmp_path):
+    manifest = {"tp": 2, "engine": "fsdp2", "world_size": 4}
+    with pytest.raises(ValueError, match=r"written with parallel.tp=2 \(a 2-D mesh\), which resumes only with the "
+                                         r"parallel.tp and number of ranks that wrote it; no converter reads it"):
+        reshard.read_whole(tmp_path, manifest)

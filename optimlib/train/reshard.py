@@ -119,6 +119,9 @@ def read_whole(path: Path, manifest: dict, names: list[str] | None = None, *, op
         if names is None:
             names = [n for group in optim["param_groups"] for n in group["names"]]
         return {**state, "optimizer": keyed(optim, names, by_name=True)}
+    if int(manifest.get("tp", 1)) > 1:
+        raise ValueError(f"checkpoint '{path}' was written with parallel.tp={manifest['tp']} (a 2-D mesh), which "
+                         f"resumes only with the parallel.tp and number of ranks that wrote it; no converter reads it")
     if manifest["engine"] != "fsdp2":
         raise ValueError(f"checkpoint '{path}' was written by engine={manifest['engine']}, which resumes only "
                          f"under the same engine and world size; conversion covers {' and '.join(CONVERTIBLE)}")
