@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from optimlib.distributed.column_exchange import column_exchange
 from optimlib.distributed.flat_partition import LayoutError, is_fsdp1_flat, map_flat_partition
 from optimlib.distributed.layout import global_shape, is_dtensor, local_piece, rows_only, row_placements, to_local
 from optimlib.distributed.row_block import FlatSlice, RowBlock
@@ -310,11 +311,12 @@ class OptimizerBase(torch.optim.Optimizer):
 
     def _row_unit(self, index: int, name: str, p: torch.Tensor, shape: tuple[int, ...]) -> ParamUnit:
         """The unit of a DTensor sharded along other dimensions than its rows (tensor parallel
-        row-wise: ``Shard(1)``): the parameter and its gradient redistributed so the same ranks hold
+        row-wise: ``Shard(1)``): the parameter and its gradient moved so that the same ranks hold
         whole rows (:func:`~optimlib.distributed.layout.row_placements`), stepped there -- its state
-        is laid out by rows too -- and redistributed back.  Per step that moves the local gradient
-        and parameter in and the parameter out (an all-to-all over the mesh dimension that shards
-        the columns; gloo gathers instead), never the whole parameter on one rank."""
+        is laid out by rows too -- and moved back.  A matrix whose columns one mesh dimension
+        shards moves by one all-to-all each way (:mod:`optimlib.distributed.column_exchange`: each
+        rank sends ``(T - 1) / T`` of its block, ``T`` ranks sharing the columns); other layouts
+        by DTensor's ``redistribute``.  No rank holds more than its share of the parameter."""
         from torch.distributed.tensor import DTensor
 
         mesh = p.device_mesh
@@ -322,18 +324,23 @@ class OptimizerBase(torch.optim.Optimizer):
             target = row_placements(p.placements)
         except NotImplementedError as err:
             raise NotImplementedError(f"{type(self).__name__}: parameter {name}: {err}") from None
-
-        def by_rows(t: torch.Tensor) -> torch.Tensor:
-            local = t.redistribute(mesh, target).to_local().contiguous()
-            return DTensor.from_local(local, mesh, target, run_check=False, shape=p.shape, stride=p.stride())
-
-        rows, grad_rows = by_rows(p.detach()), by_rows(p.grad.redistribute(mesh, p.placements))
+        grad = p.grad if tuple(p.grad.placements) == tuple(p.placements) else p.grad.redistribute(mesh, p.placements)
+        exchange = column_exchange(tuple(p.shape), mesh, p.placements, target)
+        if exchange is not None:
+            local, grad_local = exchange.to_rows(p._local_tensor), exchange.to_rows(grad._local_tensor)
+        else:
+            local = p.detach().redistribute(mesh, target).to_local().contiguous()
+            grad_local = grad.redistribute(mesh, target).to_local().contiguous()
+        rows = DTensor.from_local(local, mesh, target, run_check=False, shape=p.shape, stride=p.stride())
         local, piece = local_piece(rows, shape)
 
         def write_back() -> None:
-            p._local_tensor.copy_(rows.redistribute(mesh, p.placements).to_local())
+            if exchange is not None:
+                p._local_tensor.copy_(exchange.to_columns(local))
+            else:
+                p._local_tensor.copy_(rows.redistribute(mesh, p.placements).to_local())
 
-        return ParamUnit(index, name, rows, local, grad_rows.to_local(), shape, piece, self.state[p], write_back)
+        return ParamUnit(index, name, rows, local, grad_local, shape, piece, self.state[p], write_back)
 
     def param_units(self, group_index: int, group: dict) -> list[ParamUnit]:
         """The units of the group's parameters that have a gradient (a list: ``torch.compile``
