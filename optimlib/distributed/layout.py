@@ -118,11 +118,18 @@ class MeshRows:
         ranks = [int(mesh.mesh[tuple(c)]) for c in coords]
         self.order = tuple(r if self.group is None else dist.get_group_rank(self.group, r) for r in ranks)
         self.position = coords.index(me)
+        self._splits: dict[int, tuple[tuple[int, int], ...]] = {}
 
     def _start(self, coord, size: int) -> int:
         return self._offsets((size,), tuple(self.mesh.shape), coord, self.placements)[1][0]
 
     def split(self, size: int) -> tuple[tuple[int, int], ...]:
+        found = self._splits.get(size)
+        if found is None:
+            found = self._splits[size] = self._split(size)
+        return found
+
+    def _split(self, size: int) -> tuple[tuple[int, int], ...]:
         out, cursor = [], 0
         for c in self.coords:
             (count,), (start,) = self._offsets((size,), tuple(self.mesh.shape), c, self.placements)
