@@ -168,6 +168,27 @@ def shard_like(mesh, piece: FlatSlice, local: torch.Tensor, dim: int, shape) -> 
                               stride=stride)
 
 
+def on_local(weight: torch.Tensor, fn) -> torch.Tensor:
+    """``fn(weight)``; for a DTensor, ``fn`` of its local tensor, put back with the same placements
+    (differentiable both ways) -- for a function that acts on each local block by itself, such as
+    an element-wise map or a row-local mask."""
+    if not is_dtensor(weight):
+        return fn(weight)
+    out = fn(weight.to_local())
+    return DTensor.from_local(out, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape,
+                              stride=weight.stride())
+
+
+def local_blocks(shape, mesh, placements) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(local shape, global offset)`` of every rank's block of a DTensor of global ``shape``."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    coords = [[]]
+    for size in mesh.shape:
+        coords = [c + [i] for c in coords for i in range(size)]
+    return [_compute_local_shape_and_global_offset(tuple(shape), tuple(mesh.shape), c, placements) for c in coords]
+
+
 def _whole_mesh_group(mesh):
     """The process group over every rank of ``mesh`` (``None``: the default group)."""
     ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
@@ -196,7 +217,13 @@ def local_piece(p: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, Fl
             return p._local_tensor, FlatSlice(numel, tuple((a * per_row, b * per_row) for a, b in bounds),
                                               mesh.get_local_rank(), mesh.get_group())
         layout = _mesh_rows(mesh, p.placements)
-        bounds = tuple((a * per_row, b * per_row) for a, b in layout.split(rows))
+        split = layout.split(rows)
+        start, stop = split[layout.position]
+        if p._local_tensor.numel() != (stop - start) * per_row:
+            raise NotImplementedError(
+                f"the local block of a DTensor of shape {shape} placed {tuple(p.placements)} holds "
+                f"{p._local_tensor.numel()} elements where the mesh's row division gives {stop - start} rows")
+        bounds = tuple((a * per_row, b * per_row) for a, b in split)
         return p._local_tensor, FlatSlice(numel, bounds, layout.position, layout.group, layout.order, layout)
     if tuple(p.shape) == shape:
         return p, FlatSlice.whole(numel)

@@ -48,15 +48,19 @@ class ReparamSpec:
     convert: Callable[..., nn.Module]
     defaults: dict = field(default_factory=dict)
     description: str = ""
+    tensor_parallel: bool = False
+    """Whether it applies to a linear that is already tensor parallel (a DTensor weight)."""
 
 
 _REGISTRY: Registry[ReparamSpec] = Registry("reparameterization")
 
 
 def register_reparam(name: str, convert: Callable[..., nn.Module], *, defaults: dict | None = None,
-                     description: str = "") -> ReparamSpec:
-    """Register ``convert(linear, **options) -> nn.Module`` under ``name`` (lower-case)."""
-    return _REGISTRY.add(name, ReparamSpec(name.lower(), convert, dict(defaults or {}), description))
+                     description: str = "", tensor_parallel: bool = False) -> ReparamSpec:
+    """Register ``convert(linear, **options) -> nn.Module`` under ``name`` (lower-case);
+    ``tensor_parallel``: ``convert`` also takes a linear whose weight is a DTensor."""
+    return _REGISTRY.add(name, ReparamSpec(name.lower(), convert, dict(defaults or {}), description,
+                                           tensor_parallel))
 
 
 def list_reparams() -> list[str]:
@@ -78,21 +82,24 @@ def apply(model: nn.Module, method: str, targets: Sequence[str] | None = None, *
     """Reparameterize the ``targets`` linears of ``model`` (default: attention and MLP) with
     ``method``; returns ``model`` (changed in place).
 
-    Apply it to the plain model, before any sharding: FSDP2 (``fully_shard``) and DeepSpeed then
-    shard the reparameterized layers like any module.  A linear whose weight is already a DTensor
-    (tensor parallel, or sharded) is refused, naming it: the reparameterized layers have no
-    tensor-parallel plan (``ColwiseParallel``/``RowwiseParallel`` shard plain ``nn.Linear`` only).
+    Apply it before ``fully_shard`` / DeepSpeed, which then shard the reparameterized layers like
+    any module.  Under tensor parallelism, apply it after ``parallelize_module`` (whose
+    ``ColwiseParallel``/``RowwiseParallel`` shard plain ``nn.Linear`` only): the parametrizations
+    (``nm``, ``compander``) then act on each rank's block of the weight.  The module replacements
+    (SLTrain, LOST, dynamic rank) have no tensor-parallel form: a linear whose weight is already a
+    DTensor is refused for them, naming it.
     """
     spec = get_reparam_spec(method)
     options = {**spec.defaults, **options}
     targeted = target_linears(model, targets)
     for name, linear in targeted:
-        if is_dtensor(linear.weight):
+        if is_dtensor(linear.weight) and not spec.tensor_parallel:
             raise ValueError(
                 f"optimlib.reparam.apply({method!r}): linear {name!r} is already distributed (its weight is a DTensor "
-                f"placed {tuple(linear.weight.placements)}).  Reparameterize the plain model, then shard it with "
-                f"fully_shard or DeepSpeed; reparameterized layers cannot be tensor-parallel, so leave them out "
-                f"of the tensor-parallel plan (or leave this linear out of the targets)")
+                f"placed {tuple(linear.weight.placements)}), and {method} replaces the module, which has no "
+                f"tensor-parallel form.  Reparameterize the plain model, then shard it with fully_shard or "
+                f"DeepSpeed (leave its layers out of the tensor-parallel plan), or leave this linear out of the "
+                f"targets; nm and compander apply to tensor-parallel linears")
     for name, linear in targeted:
         new = spec.convert(linear, **options)
         if new is not linear:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from optimlib.distributed.layout import is_dtensor, on_local
 from optimlib.kernels import compander
 from optimlib.reparam import register_reparam
 
@@ -81,7 +82,7 @@ class Compander(nn.Module):
         return self.log_slope.exp()
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        return compander(theta, self.scale, self.slope)
+        return on_local(theta, lambda t: compander(t, self.scale, self.slope))  # element-wise: block by block
 
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
@@ -151,26 +152,34 @@ def compand(linear: nn.Linear, *, saturation: float = 3.0, slope: float = 2.0, l
         raise ValueError("this linear's weight is already parametrized; the compander must be the only "
                          "parametrization (merge() the other one first)")
     weight = linear.weight
+    if is_dtensor(weight) and learnable:
+        raise ValueError("option 'learnable' must be false for a tensor-parallel linear: each rank would see only "
+                         "its block's share of the scale's and slope's gradients")
+    whole = weight.full_tensor() if is_dtensor(weight) else weight  # the statistics are of the whole weight
     if init_std is not None:
         sigma = _positive("init_std", init_std)
     elif weight.is_meta:
         raise ValueError("the layer is on the meta device, so its initial std cannot be measured: "
                          "pass option 'init_std'")
     else:
-        sigma = float(weight.detach().float().std())
+        sigma = float(whole.detach().float().std())
         if not sigma > 0:
             raise ValueError("the layer's weight has zero variance: pass option 'init_std'")
     bound = saturation * sigma
     if preserve_variance and not weight.is_meta:
-        target = variance_preserving_target(weight.detach(), bound * (1 - _MARGIN), sigma)
+        target = variance_preserving_target(whole.detach(), bound * (1 - _MARGIN), sigma)
         with torch.no_grad():
+            if is_dtensor(weight):
+                from torch.distributed.tensor import distribute_tensor
+
+                target = distribute_tensor(target, weight.device_mesh, weight.placements)
             weight.copy_(target)
     parametrize.register_parametrization(linear, "weight", Compander(bound, slope, learnable=learnable,
                                                                     device=weight.device))
     return linear
 
 
-register_reparam("compander", compand,
+register_reparam("compander", compand, tensor_parallel=True,
                  description="weight compander W = a*tanh(k*theta/a) (Cakaj et al. 2023; form ours)")
 
 __all__ = ["Compander", "compand", "variance_preserving_target"]

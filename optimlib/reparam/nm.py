@@ -103,6 +103,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from optimlib.distributed.layout import is_dtensor, local_blocks, on_local
 from optimlib.kernels import nm_grad, nm_mask_apply
 from optimlib.reparam import register_reparam
 
@@ -354,14 +355,16 @@ class NMSparsity(nn.Module):
             self._state = state
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # A tensor-parallel weight (a DTensor) is masked block by block: its blocks hold whole
+        # groups of m consecutive inputs (checked by nm_sparsify).
         if not (self.training and torch.is_grad_enabled()):
             # evaluation / export: W * m with the target mask (differentiable: dW = g * m)
-            return _MaskedWeight.apply(weight, None, self.n, self.m, 0.0, 0.0, True)
+            return on_local(weight, lambda w: _MaskedWeight.apply(w, None, self.n, self.m, 0.0, 0.0, True))
         st = self.current()
         if st.dense:
             return weight
-        return _MaskedWeight.apply(weight, self.decay_pending, st.n, st.m, self.pruned_scale, self.srste_lambda,
-                                   self.exact)
+        return on_local(weight, lambda w: _MaskedWeight.apply(w, self.decay_pending, st.n, st.m, self.pruned_scale,
+                                                              self.srste_lambda, self.exact))
 
     def after_step(self, optimizer=None) -> None:
         """Advance the schedule by one optimizer step (and re-arm the SR-STE term)."""
@@ -414,11 +417,20 @@ def nm_sparsify(linear: nn.Linear, n: int = 2, m: int = 4, recipe: str = "srste"
     schedule = build_schedule(n, m, recipe, dense_steps=dense_steps, decay_steps=decay_steps, decay=decay,
                               decay_coef=decay_coef, decay_stages=decay_stages, structure=structure)
     d_in = linear.in_features
+    weight = linear.weight
+    blocks = ([(shape[1], offset[1]) for shape, offset in local_blocks(weight.shape, weight.device_mesh,
+                                                                         weight.placements)]
+              if is_dtensor(weight) else [(d_in, 0)])
     for pn, pm in schedule.all_patterns:
+        what = "option 'm'" if (pn, pm) == (n, m) else f"option 'structure' (pattern {pn}:{pm})"
         if d_in % pm:
-            what = "option 'm'" if (pn, pm) == (n, m) else f"option 'structure' (pattern {pn}:{pm})"
             raise ValueError(f"{what}: groups of {pm} do not divide the layer's input dimension "
                              f"in_features={d_in}; N:M groups run along the input dimension")
+        if any(width % pm or start % pm for width, start in blocks):
+            raise ValueError(f"{what}: the tensor-parallel blocks of this linear's weight (placements "
+                             f"{tuple(weight.placements)}) split its {d_in} inputs into pieces of "
+                             f"{sorted({w for w, _ in blocks})}, not whole groups of {pm}; choose a tensor-parallel "
+                             f"degree that leaves each rank a multiple of {pm} inputs")
     if srste_lambda is None:
         srste_lambda = SRSTE_LAMBDA if schedule.recipe == "srste" else 0.0
     if isinstance(srste_lambda, bool) or not isinstance(srste_lambda, (int, float)) or srste_lambda < 0:
@@ -433,7 +445,7 @@ def nm_sparsify(linear: nn.Linear, n: int = 2, m: int = 4, recipe: str = "srste"
     return linear
 
 
-register_reparam("nm", nm_sparsify,
+register_reparam("nm", nm_sparsify, tensor_parallel=True,
                  description="N:M structured sparsity along the input dimension (ste, srste, mdgf, sdgf)")
 
 

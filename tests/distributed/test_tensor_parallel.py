@@ -9,6 +9,13 @@ torch.optim.AdamW, the control, 1.4e-6; AdamP 1.6e-6, SGDP 1.9e-7, SMMF 3.5e-7, 
 SVD) 2.1e-6, GaLore with randomized bases rotated on refresh 3.3e-5 (the range finder's QR
 amplifies the data-parallel rounding that AdamW shows), the rest of the family at most 1.4e-6.
 
+Reparameterizations: N:M (SR-STE; MDGF through its dense, decaying and binary phases) and the
+compander, applied after ``parallelize_module`` (they act on each rank's block of the weight),
+trained with AdamW in float64: at most 1.6e-11 relative (float32 would let a rounding difference
+flip a near-tied N:M group at one step and move that one weight by 2e-3).  SLTrain, LOST and
+dynamic rank replace the module and have no tensor-parallel form: refused by name, as is an N:M
+pattern whose groups a tensor-parallel block would cut.
+
 Optimizer-state bytes: every state tensor sharded like its weight holds about a quarter per
 rank (tensors of a few hundred bytes: slot padding makes it up to 0.3), about a half for the
 bias and the norm, sharded over dp only (up to 0.6 for their 28-byte SMMF row factors); the
@@ -49,9 +56,17 @@ def test_placements_are_two_dimensional(four_ranks):
     assert placed["down.bias"] == "(Shard(dim=0), Replicate())"
 
 
-def test_reparameterizing_a_tensor_parallel_linear_is_refused(four_ranks):
-    said = four_ranks["adamw"]["reparam_refusal"]
-    assert "linear 'down' is already distributed (its weight is a DTensor placed (Shard(dim=0), Shard(dim=1)))" in said
+def test_what_cannot_be_tensor_parallel_is_refused_by_name(four_ranks):
+    said = four_ranks["adamw"]["refusals"]
+    assert ("linear 'down' is already distributed (its weight is a DTensor placed (Shard(dim=0), Shard(dim=1))), "
+            "and sltrain replaces the module, which has no tensor-parallel form") in said["sltrain"]
+    assert ("option 'm': the tensor-parallel blocks of this linear's weight (placements (Shard(dim=0), "
+            "Shard(dim=1))) split its 54 inputs into pieces of [27], not whole groups of 2") in said["nm_1of2"]
+
+
+@pytest.mark.parametrize("name", ["nm_srste", "nm_mdgf", "compander"])
+def test_reparameterized_dp2_tp2_matches_one_process(single, four_ranks, name):
+    assert_params_close(single[name]["params"], four_ranks[name]["params"], RTOL, "tp", name)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamp", "sgdp", "smmf", "galore_svd", "galore_randomized_rotate",
