@@ -3,7 +3,7 @@
     python launch/bench.py memory   --model llama_60m [--optimizers adamw,galore_adamw] [--steps 2]
     python launch/bench.py step     --model llama_60m [--reps 5] [--gap 200]
     python launch/bench.py refresh  [--shape 4096x11008] [--rank 512] [--reps 3]
-    python launch/bench.py estimate [--models llama_7b,llama_13b] [--setups single,fsdp2:8,zero3:8]
+    python launch/bench.py estimate [--models llama_7b,llama_13b] [--setups single,fsdp2:8,fsdp2:8:tp2,zero3:8]
     python launch/bench.py kernels
 
 Every subcommand prints a Markdown table and writes JSON + Markdown (+ a PNG chart for memory
@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", default=None,
                    help="registered names, NAME+KEY=VALUE[+...] for a variant (layerwise=true: optimizer in "
                         "backward); default: all + GaLore with int8 moments, with and without layerwise")
-    p.add_argument("--setups", default="single,fsdp2:8,zero2:8,zero3:8")
+    p.add_argument("--setups", default="single,fsdp2:8,zero2:8,zero3:8",
+                   help="single, fsdp2:N, fsdp2:N:tpT (FSDP2 over T-way tensor parallelism, the launcher's "
+                        "parallel.tp=T), zero0:N .. zero3:N (DeepSpeed), comma-separated")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     p.add_argument("--activation-dtype", default=None)
     p.add_argument("--micro-batch", type=int, default=1)

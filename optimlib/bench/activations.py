@@ -6,10 +6,10 @@ parameters excluded; ``tests/bench/test_estimate.py`` recounts it on ``llama_tin
 layers and ``V`` the vocabulary:
 
 * per layer ``4 h + 10 d + H + 2`` elements: the SwiGLU's gate and up outputs, their product and
-  the SiLU output (``4 h``); the two norms' inputs and outputs, the attention output before
-  ``o_proj`` and its reshaped copy, and the rotated queries, keys, the values and the output that
-  scaled-dot-product attention keeps (``10 d``); attention's log-sum-exp (``H``) and the two
-  norms' inverse RMS (``2``);
+  the SiLU output (``4 h``); each norm's input, normalized input and output (``6 d``, the output
+  being what the next projections read); the rotated queries, keys, the values and the output that
+  scaled-dot-product attention keeps (``4 d``; ``o_proj`` reads that output through a view);
+  attention's log-sum-exp (``H``) and the two norms' inverse RMS (``2``);
 * the head: ``3 d + 1`` (final norm, LM-head input) and the ``V`` log-softmax of the loss, which
   the training loop computes in float32 (``logits.float()``);
 * the token block (int64; inputs and shifted targets are two views of one ``(B, T + 1)``
@@ -23,6 +23,12 @@ is not modelled.  With activation checkpointing of every block (not what ``launc
 does today) the blocks keep only their ``d``-wide inputs and one block's activations are alive
 again during its recomputation.  Under bf16 autocast the layer terms use the autocast dtype (the
 norms' statistics, a few elements per token, are counted in it too) and the loss term stays float32.
+
+Under tensor parallelism over ``tp`` ranks (:mod:`optimlib.models.tensor_parallel`: the heads and
+the MLP's hidden features divided over the ranks) each rank keeps ``(4 h + 4 d + H) / tp + 6 d + 2``
+elements per layer: its share of the heads' and hidden features' tensors, the norms' tensors
+whole (``tests/bench/test_estimate.py`` counts it on 4 ranks of FSDP2 x tensor parallel); the
+embedding, the head and the loss are the same on every rank.
 """
 
 from __future__ import annotations
@@ -34,22 +40,23 @@ from optimlib.models import LlamaConfig
 __all__ = ["activation_bytes", "per_layer_elements"]
 
 
-def per_layer_elements(cfg: LlamaConfig) -> int:
-    """Elements per token one transformer block keeps for backward."""
-    return 4 * cfg.hidden_dim + 10 * cfg.dim + cfg.n_heads + 2
+def per_layer_elements(cfg: LlamaConfig, tp: int = 1) -> int:
+    """Elements per token one transformer block keeps for backward (on each of ``tp`` tensor-parallel ranks)."""
+    return (4 * cfg.hidden_dim + 4 * cfg.dim + cfg.n_heads) // tp + 6 * cfg.dim + 2
 
 
 def activation_bytes(cfg: LlamaConfig, micro_batch: int, seq_len: int, dtype: torch.dtype = torch.float32,
-                     checkpointing: bool = False) -> int:
+                     checkpointing: bool = False, tp: int = 1) -> int:
     """Bytes saved for backward by one forward pass of ``micro_batch`` sequences of ``seq_len`` tokens.
 
     ``dtype``: the dtype activations are computed in (the parameter dtype, or the autocast dtype).
+    ``tp``: tensor-parallel degree (it divides ``n_heads`` and ``hidden_dim``).
     """
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch and seq_len must be >= 1, got micro_batch={micro_batch}, seq_len={seq_len}")
     tokens = micro_batch * seq_len
     size = torch.empty((), dtype=dtype).element_size()
-    layer = per_layer_elements(cfg)
+    layer = per_layer_elements(cfg, tp)
     if checkpointing:
         blocks = cfg.n_layers * cfg.dim + layer
     else:

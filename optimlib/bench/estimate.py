@@ -13,13 +13,17 @@ How it is computed, without allocating anything:
    split (which linears are low-rank, which groups decay) and every option, defaults included,
    are exactly the factory's and the optimizer's own;
 3. each parameter is placed the way the engine places it on each rank: whole (``single``);
-   ``torch.chunk`` rows of dim 0 (``fsdp2``, ``fully_shard``); DeepSpeed ZeRO flat partitions
+   ``torch.chunk`` rows of dim 0 (``fsdp2``, ``fully_shard``); with ``tp`` > 1 (``fsdp2`` only, the
+   launcher's ``parallel.tp``) the blocks' projections tensor parallel over ``tp`` ranks and
+   FSDP2 over the ``world / tp`` data-parallel ones (:mod:`optimlib.bench.mesh_placement`);
+   DeepSpeed ZeRO flat partitions
    (stage 1/2: the parameter group flattened and padded to a multiple of ``2 x world`` elements,
    stage 3: each parameter padded to a multiple of ``world``).  Shape-aware optimizers get one
    parameter per group under DeepSpeed, as ``launch/pretrain.py`` gives them;
 4. each tensor's state is what the optimizer declares for it (:func:`optimlib.optim.state_spec.state_specs`:
    every entry's elements on that rank, times its itemsize, summed by component), and activations
-   come from :mod:`optimlib.bench.activations`.
+   come from :mod:`optimlib.bench.activations` (under ``tp`` each rank keeps its share of the
+   heads and MLP features).
 
 Engines and what is divided by the world size (per rank):
 
@@ -28,11 +32,19 @@ engine                    weights    gradients  optimizer states  master weights
 ========================  =========  =========  ================  ==================
 single                    full       full       full              --
 fsdp2                     / world    / world    / world           --
+fsdp2, tp > 1             / world*   / world*   / world*          --
 deepspeed, zero_stage 0   full       full       full              fp32 copy if not fp32
 deepspeed, zero_stage 1   full       full       / world           fp32, / world
 deepspeed, zero_stage 2   full       / world    / world           fp32, / world
 deepspeed, zero_stage 3   / world    / world    / world           fp32, / world
 ========================  =========  =========  ================  ==================
+
+``*``: under ``tp`` > 1 the attention and MLP projections are divided over all ``world`` ranks (rows
+and columns of one mesh), and every other parameter (embeddings, norms, LM head) over the
+``world / tp`` data-parallel ranks only: the ``tp`` ranks of one replica hold copies.  Row-wise
+projections (``o_proj``, ``down_proj``) hold a block of columns; a shape-aware optimizer (the
+factory's ``shape_aware``) keeps their state by rows, the layout it steps them in, and
+``torch.optim.AdamW`` like the weight.
 
 Weights include the model's buffers (e.g. SLTrain's sparse support), replicated on every rank.
 Under DeepSpeed the client optimizer steps fp32 partitions (its states are fp32 whatever
@@ -53,9 +65,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from optimlib.bench.activations import activation_bytes
+from optimlib.bench.mesh_placement import MeshPlacement, tp_style
 from optimlib.distributed.row_block import FlatSlice
 from optimlib.models import LlamaConfig, get_config
 from optimlib.models.llama import Llama
+from optimlib.models.tensor_parallel import tensor_parallel_problem
 from optimlib.optim import create_optimizer, get_optimizer_spec
 from optimlib.optim.state_spec import Placement, state_specs
 
@@ -86,6 +100,7 @@ class MemoryEstimate:
     state_breakdown: dict = field(default_factory=dict)
     per_rank_total: tuple = ()
     notes: tuple = ()
+    tp: int = 1
 
     @property
     def total(self) -> int:
@@ -122,17 +137,22 @@ def _flat_bounds(numel: int, size: int, world: int) -> tuple[tuple[int, int], ..
 
 
 class _Placement:
-    """Where each parameter's elements lie on each rank, for one engine."""
+    """Where each parameter's elements lie on each rank, for one engine (``mesh``: the
+    :class:`~optimlib.bench.mesh_placement.MeshPlacement` of FSDP2 over tensor parallelism, or
+    ``None``).  ``name`` is the parameter's name in the model, which the tensor-parallel plan reads."""
 
-    def __init__(self, engine: str, stage: int, world: int):
-        self.engine, self.stage, self.world = engine, stage, world
+    def __init__(self, engine: str, stage: int, world: int, mesh: MeshPlacement | None = None):
+        self.engine, self.stage, self.world, self.mesh = engine, stage, world, mesh
 
     @property
     def partitioned(self) -> bool:
         return self.engine == "deepspeed" and self.stage >= 1
 
-    def pieces(self, shape: tuple[int, ...]) -> list[tuple[FlatSlice, int]]:
-        """``(piece, local numel)`` of a parameter of ``shape`` on every rank."""
+    def pieces(self, shape: tuple[int, ...], name: str = "") -> list[tuple[FlatSlice, int]]:
+        """``(piece, local numel)`` of the tensor the optimizer steps for a parameter of ``shape``,
+        on every rank."""
+        if self.mesh is not None:
+            return self.mesh.pieces(shape, tp_style(name))
         numel = math.prod(shape)
         w = self.world
         if self.engine == "fsdp2" and w > 1:
@@ -150,12 +170,16 @@ class _Placement:
             return sum(_partition(math.prod(s), self.world, 3) for s in shapes)
         return _partition(sum(math.prod(s) for s in shapes), self.world, self.stage)
 
-    def weight_numel(self, shape: tuple[int, ...]) -> list[int]:
+    def weight_numel(self, shape: tuple[int, ...], name: str = "") -> list[int]:
+        if self.mesh is not None:
+            return self.mesh.weight_numel(shape, tp_style(name))
         if self.engine == "fsdp2" or (self.engine == "deepspeed" and self.stage == 3):
             return [n for _, n in self.pieces(shape)]
         return [math.prod(shape)] * self.world
 
-    def grad_numel(self, shape: tuple[int, ...]) -> list[int]:
+    def grad_numel(self, shape: tuple[int, ...], name: str = "") -> list[int]:
+        if self.mesh is not None:
+            return self.mesh.weight_numel(shape, tp_style(name))
         if self.engine == "fsdp2" or (self.engine == "deepspeed" and self.stage >= 2):
             return [n for _, n in self.pieces(shape)]
         return [math.prod(shape)] * self.world
@@ -190,6 +214,25 @@ def _check_engine(engine: str, zero_stage: int, world_size: int) -> None:
                          "engine='deepspeed' only")
 
 
+def _check_tp(tp, engine: str, world_size: int, name: str, cfg: LlamaConfig, reparam, layerwise: bool) -> None:
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"invalid tp={tp!r}: accepted range is an integer >= 1")
+    if tp == 1:
+        return
+    if engine != "fsdp2":
+        raise ValueError(f"invalid tp={tp} for engine={engine!r}: tensor parallelism runs under engine='fsdp2'")
+    if world_size % tp:
+        raise ValueError(f"invalid tp={tp} for world_size={world_size}: tp must divide it (the mesh is "
+                         "world_size / tp data-parallel x tp tensor-parallel ranks)")
+    problem = tensor_parallel_problem(cfg, tp)
+    if problem:
+        raise ValueError(f"invalid tp={tp} for model {name}: {problem}")
+    for what, value in (("reparam", reparam), ("layerwise", layerwise)):
+        if value:
+            raise ValueError(f"invalid tp={tp} with {what}={value!r}: the tensor-parallel plan shards plain "
+                             "nn.Linear layers and steps after the backward pass")
+
+
 def _meta_model(cfg: LlamaConfig, dtype: torch.dtype, reparam, reparam_options):
     model = Llama(cfg, device="meta").to(dtype)
     if reparam is not None:
@@ -215,7 +258,7 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
                     engine: str = "single", zero_stage: int = 0, world_size: int = 1, dtype: str = "float32",
                     micro_batch: int = 1, seq_len: int = 256, activation_checkpointing: bool = False, *,
                     process_rank: int | None = None, activation_dtype: str | None = None, layerwise: bool = False,
-                    reparam_options: dict | None = None, **optimizer_kwargs) -> MemoryEstimate:
+                    tp: int = 1, reparam_options: dict | None = None, **optimizer_kwargs) -> MemoryEstimate:
     """Per-rank bytes of training ``model`` with ``optimizer`` (see the module docstring).
 
     Args:
@@ -224,6 +267,8 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
             arguments (``rank``, ``projection``, ``moments_dtype``, ``momentum``, ...).
         reparam, reparam_options: a registered reparameterization applied to the targeted linears.
         engine: ``single``, ``fsdp2`` or ``deepspeed`` (with ``zero_stage`` 0-3); ``world_size``.
+        tp: tensor-parallel degree under ``fsdp2`` (the launcher's ``parallel.tp``): a
+            ``(world_size / tp, tp)`` mesh; ``tp`` must divide ``world_size``, the heads and the MLP width.
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``bfloat16`` everywhere
             is the GaLore paper's accounting.  ``activation_dtype``: the autocast dtype (default
             ``dtype``).
@@ -233,6 +278,7 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
     """
     name, cfg = _resolve_model(model)
     _check_engine(engine, zero_stage, world_size)
+    _check_tp(tp, engine, world_size, name, cfg, reparam, layerwise)
     if layerwise and engine == "deepspeed":
         raise ValueError("invalid layerwise=True with engine='deepspeed': DeepSpeed owns the gradients; "
                          "layer-wise stepping runs in one process or under FSDP2")
@@ -245,6 +291,9 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
     place = _Placement(engine, zero_stage, world_size)
     meta = _meta_model(cfg, pdtype, reparam, reparam_options)
     opt = _build_optimizer(meta, spec.name, place.partitioned and spec.shape_aware, optimizer_kwargs)
+    if tp > 1:      # shape-aware optimizers step row-wise projections by rows, others as they are
+        place.mesh = MeshPlacement(world_size, tp, by_rows=spec.shape_aware)
+    names = {id(p): n for n, p in meta.named_parameters()}
 
     deepspeed = engine == "deepspeed"
     opt_dtype = torch.float32 if deepspeed and (zero_stage >= 1 or pdtype != torch.float32) else pdtype
@@ -264,24 +313,25 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
     for p in params:
         shape = tuple(p.shape)
         size = p.element_size()
-        for k, n in enumerate(place.weight_numel(shape)):
+        for k, n in enumerate(place.weight_numel(shape, names[id(p)])):
             weights[k] += n * size
         gsize = 4 if deepspeed and zero_stage >= 2 else size
-        for k, n in enumerate(place.grad_numel(shape)):
+        for k, n in enumerate(place.grad_numel(shape, names[id(p)])):
             grads[k] += n * gsize
             largest_grad[k] = max(largest_grad[k], n * gsize)
 
     for group in opt.param_groups:
         resolved = {k: v for k, v in group.items() if k != "params"}
         members = [tuple(p.shape) for p in group["params"]]
+        labels = [names.get(id(p), "") for p in group["params"]]
         if place.partitioned and w > 1 and len(members) > 1:
             numel = place.group_numel(members)
             for k in range(w):
                 add_state(k, resolved, Placement(None, None, numel))
                 master[k] += numel * 4
             continue
-        for shape in members:
-            for k, (piece, numel) in enumerate(place.pieces(shape)):
+        for shape, label in zip(members, labels):
+            for k, (piece, numel) in enumerate(place.pieces(shape, label)):
                 add_state(k, resolved, Placement(shape, piece, numel, engine == "fsdp2" and w > 1))
                 if place.partitioned:
                     master[k] += numel * 4
@@ -295,11 +345,11 @@ def estimate_memory(model: str | LlamaConfig = "llama_60m", optimizer: str = "ad
     if any(group.get("rank") == "auto" or group.get("energy") is not None for group in opt.param_groups):
         notes.append("adaptive rank counted at its cap (an upper bound)")
 
-    act = activation_bytes(cfg, micro_batch, seq_len, adtype, activation_checkpointing)
+    act = activation_bytes(cfg, micro_batch, seq_len, adtype, activation_checkpointing, tp=tp)
     totals = [weights[k] + grads[k] + states[k] + master[k] + act for k in range(w)]
     pick = max(range(w), key=lambda k: totals[k]) if process_rank is None else process_rank
     return MemoryEstimate(
         model=name, optimizer=spec.name, engine=engine, zero_stage=zero_stage, world_size=w, process_rank=pick,
         dtype=dtype, num_parameters=sum(math.prod(p.shape) for p in params), weights=weights[pick],
         gradients=grads[pick], optimizer_states=states[pick], master_weights=master[pick], activations=act,
-        state_breakdown=dict(breakdown[pick]), per_rank_total=tuple(totals), notes=tuple(notes))
+        state_breakdown=dict(breakdown[pick]), per_rank_total=tuple(totals), notes=tuple(notes), tp=tp)

@@ -18,7 +18,8 @@ import yaml
 from optimlib.bench.contenders import optimizer_kwargs
 from optimlib.bench.estimate import estimate_memory
 from optimlib.bench.report import markdown_table
-from optimlib.models import CONFIGS, LlamaConfig
+from optimlib.models import CONFIGS, LlamaConfig, get_config
+from optimlib.models.tensor_parallel import tensor_parallel_problem
 
 __all__ = ["EXTRA_MODELS", "HEADROOM", "parse_setup", "fit_grid", "fit_markdown"]
 
@@ -32,22 +33,31 @@ _EXTRA_RANKS = {"llama_13b": 1024, "llama_70b_mha": 1024}
 
 
 def parse_setup(text: str) -> dict:
-    """``single``, ``fsdp2:8``, ``zero2:8`` (DeepSpeed stage 2 on 8 ranks), ``ddp:8`` (stage 0)."""
-    name, _, count = text.partition(":")
+    """``single``, ``fsdp2:8``, ``fsdp2:8:tp2`` (FSDP2 over 2-way tensor parallelism on 8 ranks: the
+    launcher's ``parallel.tp=2``), ``zero2:8`` (DeepSpeed stage 2 on 8 ranks), ``ddp:8`` (stage 0)."""
+    name, _, rest = text.partition(":")
+    count, _, degree = rest.partition(":")
     try:
         world = int(count) if count else 1
     except ValueError:
         raise ValueError(f"invalid setup={text!r}: the world size after ':' must be an integer") from None
+    tp = 1
+    if degree:
+        if name != "fsdp2" or not degree.startswith("tp") or not degree[2:].isdigit() or int(degree[2:]) < 1:
+            raise ValueError(f"invalid setup={text!r}: a tensor-parallel degree is written fsdp2:N:tpT")
+        tp = int(degree[2:])
+        if world % tp:
+            raise ValueError(f"invalid setup={text!r}: tp={tp} must divide the world size {world}")
     if name == "single":
         if world != 1:
             raise ValueError(f"invalid setup={text!r}: 'single' is one process")
-        return {"label": "single", "engine": "single", "zero_stage": 0, "world_size": 1}
+        return {"label": "single", "engine": "single", "zero_stage": 0, "world_size": 1, "tp": 1}
     if name == "fsdp2":
-        return {"label": text, "engine": "fsdp2", "zero_stage": 0, "world_size": world}
+        return {"label": text, "engine": "fsdp2", "zero_stage": 0, "world_size": world, "tp": tp}
     if name in ("zero0", "ddp", "zero1", "zero2", "zero3"):
         stage = 0 if name in ("zero0", "ddp") else int(name[-1])
-        return {"label": text, "engine": "deepspeed", "zero_stage": stage, "world_size": world}
-    raise ValueError(f"invalid setup={text!r}: accepted single, fsdp2:N, zero0:N .. zero3:N")
+        return {"label": text, "engine": "deepspeed", "zero_stage": stage, "world_size": world, "tp": 1}
+    raise ValueError(f"invalid setup={text!r}: accepted single, fsdp2:N, fsdp2:N:tpT, zero0:N .. zero3:N")
 
 
 def _model(name: str):
@@ -85,22 +95,27 @@ def fit_grid(models, optimizers, setups, *, dtype: str = "bfloat16", micro_batch
     ``optimizers`` are registered names, optionally with options after ``+``
     (``galore_adamw+moments_dtype=int8+layerwise=true``: ``layerwise`` is the estimator's
     optimizer-in-backward flag, the rest go to the optimizer); ranks are the GaLore paper's (1024
-    above 7B).
+    above 7B).  A tensor-parallel setup (``fsdp2:8:tp2``) is left out for a model whose heads or MLP
+    width it does not divide, and for layer-wise entries.
     """
     rows = []
     parsed = [parse_setup(s) for s in setups]
     for model in models:
         cfg = _model(model)
+        config = get_config(cfg) if isinstance(cfg, str) else cfg
         for optimizer in optimizers:
             base, kwargs, flags = _kwargs(optimizer, model)
             for setup in parsed:
-                if flags.get("layerwise") and setup["engine"] == "deepspeed":
-                    continue          # DeepSpeed owns the gradients: no optimizer-in-backward
+                if flags.get("layerwise") and (setup["engine"] == "deepspeed" or setup["tp"] > 1):
+                    continue          # DeepSpeed owns the gradients, tensor parallel steps after backward
+                if setup["tp"] > 1 and tensor_parallel_problem(config, setup["tp"]):
+                    continue          # tp does not divide this model's heads or MLP width
                 if progress:
                     progress(f"{model} {optimizer} {setup['label']}")
                 est = estimate_memory(cfg, base, engine=setup["engine"], zero_stage=setup["zero_stage"],
-                                      world_size=setup["world_size"], dtype=dtype, micro_batch=micro_batch,
-                                      seq_len=seq_len, activation_checkpointing=activation_checkpointing,
+                                      world_size=setup["world_size"], tp=setup["tp"], dtype=dtype,
+                                      micro_batch=micro_batch, seq_len=seq_len,
+                                      activation_checkpointing=activation_checkpointing,
                                       activation_dtype=activation_dtype, **flags, **kwargs)
                 row = {"model": model, "optimizer": optimizer, "setup": setup["label"],
                        "parameters": est.num_parameters, "weights": est.weights, "gradients": est.gradients,

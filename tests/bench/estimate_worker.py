@@ -1,4 +1,5 @@
-"""Worker for test_estimate.py: per-rank measured bytes under FSDP2 and DeepSpeed ZeRO on 2 CPU ranks.
+"""Worker for test_estimate.py: per-rank measured bytes under FSDP2 and DeepSpeed ZeRO on 2 CPU ranks,
+and under FSDP2 x tensor parallelism on 4.
 
 ``torchrun --nproc_per_node 2 estimate_worker.py fsdp2|ds1|ds2|ds3 OUT.json [--models M1,M2]
 [--randomized-basis] NAME...`` builds every model ``M`` (default ``llama_tiny``) for every
@@ -6,13 +7,25 @@ registered optimizer ``NAME``, wraps it the way ``launch/pretrain.py`` does (FSD
 ``fully_shard`` on every block, then the root; DeepSpeed: ``deepspeed.initialize`` with the
 optimizer as client, one parameter per group for shape-aware optimizers), runs one
 forward/backward and one optimizer step on random tokens, and writes every rank's bytes to
-``OUT.json`` as ``{model: {name: {"kwargs": ..., "ranks": [...]}}}`` (rank 0 writes):
+``OUT.json`` as ``{model: {name: {"kwargs": ..., "ranks": [...]}}}`` (rank 0 writes).
+
+``fsdp2_tpN`` (e.g. ``fsdp2_tp2`` under ``--nproc_per_node 4``) builds the model as the launcher
+does with ``parallel.tp=N``: a ``(world / N, N)`` mesh named ``("dp", "tp")``, the tensor-parallel
+plan over ``mesh["tp"]`` (:func:`optimlib.models.tensor_parallel.apply_tensor_parallel`), then
+``fully_shard`` over ``mesh["dp"]`` on every block and the root; the ``N`` ranks of one replica
+read the same tokens.  Each rank also records ``activation_bytes``: what autograd saves during the
+forward pass (distinct storages; the parameters FSDP2 gathers for the forward excluded).
+
+Per rank:
 
 * ``param_bytes``: the local parameters (FSDP2 shards, ZeRO-3 partitions);
 * ``grad_bytes``: FSDP2 -- the sharded ``.grad`` DTensors after backward; DeepSpeed -- the
   gradients the client optimizer is handed at ``step()`` (the fp32 flat partitions of ZeRO-1/2,
   the per-parameter partitions of ZeRO-3; counted once per storage region by a step pre-hook);
 * ``state_bytes``: ``optimlib.optimizer_state_bytes`` of the client optimizer after its step.
+
+A model is a named config, or one with integer overrides: ``NAME:KEY=INT[:KEY=INT...]``
+(``llama_tiny:hidden_dim=350``).
 
 ``--toy``: the toy optimizer of tests/toy_optimizer.py is registered for the run (name it among the
 ``NAME`` s).
@@ -33,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from optimlib.distributed.layout import to_local
 from optimlib.distributed.teardown import exit_process, leave_process_group
 
 SEQ, MICRO = 16, 2
@@ -55,6 +69,52 @@ def batch(rank: int):
 def loss_of(model, x, y):
     logits = model(x)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def model_spec(text: str) -> tuple[str, dict]:
+    """``(named config, overrides)`` of a model given as ``NAME`` or ``NAME:KEY=INT[:KEY=INT...]``
+    (``llama_tiny:hidden_dim=350``); the optimizer settings are the named config's."""
+    base, *pairs = text.split(":")
+    return base, {key: int(value) for key, value in (pair.split("=") for pair in pairs)}
+
+
+def tp_degree(engine: str) -> int:
+    """The tensor-parallel degree of an ``fsdp2_tpN`` engine (1 for the others)."""
+    return int(engine[len("fsdp2_tp"):]) if engine.startswith("fsdp2_tp") else 1
+
+
+_MESHES: dict = {}
+
+
+def meshes(world: int, tp: int):
+    """``(mesh FSDP2 shards over, tensor-parallel mesh or None)``, built once per process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if tp not in _MESHES:
+        if tp > 1:
+            mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+            _MESHES[tp] = (mesh["dp"], mesh["tp"])
+        else:
+            _MESHES[tp] = (init_device_mesh("cpu", (world,)), None)
+    return _MESHES[tp]
+
+
+def saved_forward_bytes(model, forward):
+    """``forward()``'s result and the bytes autograd saves for backward while it runs (distinct
+    storages).  A saved tensor that shares storage with one of the model's parameters at the time it
+    is saved is a parameter: FSDP2 swaps the gathered parameters in for the forward."""
+    sizes: dict = {}
+
+    def pack(t):
+        local = to_local(t)
+        key = local.untyped_storage().data_ptr()
+        if key not in {to_local(p).untyped_storage().data_ptr() for p in model.parameters()}:
+            sizes[key] = max(sizes.get(key, 0), local.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return out, sum(sizes.values())
 
 
 def client(opt):
@@ -84,22 +144,31 @@ def measure(engine: str, model_name: str, name: str, randomized_basis: bool) -> 
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = build_model(model_name)
-    kwargs = optimizer_kwargs(name, model_name)
+    base, overrides = model_spec(model_name)
+    model = build_model(base, **overrides)
+    kwargs = optimizer_kwargs(name, base)
     if randomized_basis:
         kwargs = cheap_basis(name, kwargs)
-    x, y = batch(rank)
+    tp = tp_degree(engine)
+    x, y = batch(rank // tp)
     out = {}
-    if engine == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
+    if engine.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        mesh, tp_mesh = meshes(world, tp)
+        if tp_mesh is not None:
+            from optimlib.models.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, tp_mesh)
         for block in model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = create_optimizer(model, name, lr=1e-3, **kwargs)
-        loss_of(model, x, y).backward()
+        if tp_mesh is not None:
+            loss, out["activation_bytes"] = saved_forward_bytes(model, lambda: loss_of(model, x, y))
+        else:
+            loss = loss_of(model, x, y)
+        loss.backward()
         out["grad_bytes"] = grad_bytes(model)
         opt.step()
         out["param_bytes"] = param_bytes(model)

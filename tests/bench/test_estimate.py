@@ -16,6 +16,9 @@ What is measured, and how:
   and FSDP2, ZeRO-2 and ZeRO-3 on ``llama_60m`` and ``llama_130m`` (one launch per engine; ZeRO-3
   on ``llama_130m`` in two), every optimizer, every rank's parameter, gradient (sharded engines)
   and state bytes;
+* 4 CPU ranks of FSDP2 x tensor parallel (mesh (dp, tp) = (2, 2), as the launcher builds it with
+  ``parallel.tp=2``), every optimizer, on ``llama_tiny`` and on a variant with uneven shards: every
+  rank's parameter, gradient, state and activation bytes, to the byte;
 * activations: autograd's saved tensors of one forward pass (``saved_activation_bytes``).
 
 Tolerance 2 % (the rules are exact: every comparison below came out equal to the byte, but for
@@ -37,8 +40,9 @@ from optimlib.bench import activation_bytes, estimate_memory, grad_bytes, param_
 from optimlib.bench.contenders import optimizer_kwargs
 from optimlib.models import LlamaConfig, get_config
 from optimlib.models.llama import Llama
+from optimlib.optim.state_spec import Placement, state_specs
 
-from estimate_worker import cheap_basis
+from estimate_worker import cheap_basis, model_spec
 
 TOL = 0.02
 OPTIMIZERS = list_optimizers()
@@ -247,6 +251,115 @@ def test_large_launches_cover_every_engine_model_and_optimizer():
     assert covered == wanted
 
 
+# ----------------------------------------------------------------------------- 4 ranks, FSDP2 x tensor parallel
+# llama_tiny divides evenly over the (2, 2) mesh; hidden_dim=350 gives the column-wise projections
+# uneven row blocks (175 rows per tp rank: 88 and 87 per dp rank) and vocab_size=321 the embedding
+# and LM head uneven FSDP2 rows.
+TP_MODELS = "llama_tiny,llama_tiny:hidden_dim=350:vocab_size=321"
+
+
+def _cos_history_bytes(cfg: LlamaConfig, kwargs: dict) -> int:
+    """Q-GaLore's cosine history on one rank (replicated): the estimate counts it, one step does not
+    create it (``test_estimate_counts_q_galore_cos_history``)."""
+    opt = create_optimizer(Llama(cfg, device="meta"), "q_galore_adamw", lr=1e-3, **kwargs)
+    return sum(spec.local_bytes(torch.float32) for group in opt.param_groups for p in group["params"]
+               for spec in state_specs(opt, group, Placement.whole(tuple(p.shape))) if spec.key == "cos_history")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_estimate_matches_fsdp2_tp_four_ranks(tmp_path):
+    """Every rank's weights, gradients, optimizer states (every optimizer) and activations under
+    FSDP2 over tensor parallelism on 4 ranks, ``tp=2``, equal to the estimate to the byte; Q-GaLore's
+    states after one step are the estimate less its cosine history."""
+    from conftest import launch
+    from estimate_worker import MICRO, SEQ
+
+    out = tmp_path / "fsdp2_tp2.json"
+    launch(WORKER, ["fsdp2_tp2", str(out), "--models", TP_MODELS, *OPTIMIZERS], launcher="torchrun", nproc=4,
+           timeout=900)
+    results = json.loads(out.read_text())
+    assert sorted(results) == sorted(TP_MODELS.split(","))
+    for model_name, per_optimizer in results.items():
+        base, overrides = model_spec(model_name)
+        cfg = get_config(base, **overrides)
+        assert sorted(per_optimizer) == sorted(OPTIMIZERS), model_name
+        for name, res in per_optimizer.items():
+            ranks = res["ranks"]
+            assert len(ranks) == 4
+            history = _cos_history_bytes(cfg, res["kwargs"]) if name == "q_galore_adamw" else 0
+            for k, m in enumerate(ranks):
+                est = estimate_memory(cfg, name, engine="fsdp2", world_size=4, tp=2, process_rank=k,
+                                      micro_batch=MICRO, seq_len=SEQ, **res["kwargs"])
+                measured = (m["param_bytes"], m["grad_bytes"], m["state_bytes"] + history, m["activation_bytes"])
+                assert measured == (est.weights, est.gradients, est.optimizer_states, est.activations), \
+                    (model_name, name, k, m, est.state_breakdown)
+    # The uneven variant's ranks differ (the test covers distinct per-rank numbers).
+    uneven = results[TP_MODELS.split(",")[1]]["adamw"]["ranks"]
+    assert len({m["param_bytes"] for m in uneven}) > 1
+
+
+def test_tp_rows_match_dtensor_placements():
+    """The estimator's row blocks on a (dp, tp) mesh are DTensor's: the column-wise
+    ``(_StridedShard(0, tp), Shard(0))`` at every size tp divides (each dimension of a column-wise
+    projection), the ``(Shard(0), Shard(0))`` rows a row-wise projection is stepped in at every size."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset as local_block
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from optimlib.bench.mesh_placement import NestedRows
+
+    def blocks(size, dp, tp, placements, position):
+        out = [None] * (dp * tp)
+        for d in range(dp):
+            for t in range(tp):
+                (count,), (start,) = local_block((size,), (dp, tp), [d, t], placements)
+                out[position(d, t)] = count
+        return out
+
+    for dp in (1, 2, 3, 4):
+        for tp in (2, 3, 4):
+            for size in range(0, 41):
+                rows = [b - a for a, b in NestedRows(dp, tp).split(size)]
+                assert rows == blocks(size, dp, tp, [Shard(0), Shard(0)], lambda d, t: d * tp + t), (dp, tp, size)
+                if size % tp == 0:
+                    rows = [b - a for a, b in NestedRows(tp, dp).split(size)]
+                    column = [_StridedShard(0, split_factor=tp), Shard(0)]
+                    assert rows == blocks(size, dp, tp, column, lambda d, t: t * dp + d), (dp, tp, size)
+
+
+def test_tp_divides_projections_over_the_mesh():
+    """Under tp=2 on 8 ranks the blocks' projections are divided by 8 and the rest (embedding, norms,
+    LM head) by the 4 data-parallel ranks; the activations keep 1/tp of the heads' and MLP features'."""
+    cfg = get_config("llama_60m")
+    meta = Llama(cfg, device="meta")
+    projections = sum(p.numel() for n, p in meta.named_parameters() if n.endswith("_proj.weight"))
+    rest = sum(p.numel() for p in meta.parameters()) - projections
+    est = estimate_memory("llama_60m", "adamw", engine="fsdp2", world_size=8, tp=2)
+    assert est.weights == est.gradients == 4 * (projections // 8 + rest // 4)
+    assert est.optimizer_states == 2 * est.weights + 4 * len(list(meta.parameters()))   # moments + step
+    assert est.tp == 2 and len(est.per_rank_total) == 8
+    one = estimate_memory("llama_60m", "adamw", micro_batch=2, seq_len=64)
+    split = estimate_memory("llama_60m", "adamw", engine="fsdp2", world_size=8, tp=2, micro_batch=2, seq_len=64)
+    shared = 4 * cfg.hidden_dim + 4 * cfg.dim + cfg.n_heads
+    assert one.activations - split.activations == 4 * 2 * 64 * cfg.n_layers * (shared - shared // 2)
+
+
+def test_fit_grid_tp_setups():
+    """``fsdp2:N:tpT`` setups reach the estimator; a model tp does not fit and layer-wise entries are
+    left out; malformed setups are named."""
+    from optimlib.bench.fit import fit_grid, parse_setup
+
+    grid = fit_grid(["llama_60m", "llama_1b"], ["adamw", "adamw+layerwise=true"], ["fsdp2:8:tp2"])
+    assert [(r["model"], r["optimizer"]) for r in grid["rows"]] == [("llama_60m", "adamw")]  # 1B: hidden 5461
+    row = grid["rows"][0]
+    est = estimate_memory("llama_60m", "adamw", engine="fsdp2", world_size=8, tp=2, dtype="bfloat16", seq_len=2048)
+    assert (row["setup"], row["total"]) == ("fsdp2:8:tp2", est.total)
+    for bad in ("fsdp2:8:tp3", "zero3:8:tp2", "fsdp2:8:x2", "fsdp2:8:tp0"):
+        with pytest.raises(ValueError, match="setup"):
+            parse_setup(bad)
+
+
 def test_sharding_divides_by_world_size():
     one = estimate_memory("llama_60m", "adamw")
     for kind, stage in (("fsdp2", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)):
@@ -338,6 +451,15 @@ def test_user_config_and_large_models_cost_nothing():
     (dict(model="llama_3b"), ValueError, "llama_3b"),
     (dict(process_rank=3, engine="fsdp2", world_size=2), ValueError, "process_rank"),
     (dict(engine="deepspeed", world_size=2, zero_stage=2, layerwise=True), ValueError, "layerwise"),
+    (dict(engine="fsdp2", world_size=4, tp=0), ValueError, "tp="),
+    (dict(engine="fsdp2", world_size=4, tp=True), ValueError, "tp="),
+    (dict(engine="fsdp2", world_size=4, tp=3), ValueError, "tp="),
+    (dict(engine="single", tp=2), ValueError, "tp="),
+    (dict(engine="deepspeed", world_size=4, zero_stage=3, tp=2), ValueError, "tp="),
+    (dict(model="llama_1b", engine="fsdp2", world_size=4, tp=2), ValueError, "tp="),
+    (dict(engine="fsdp2", world_size=6, tp=3), ValueError, "tp="),
+    (dict(engine="fsdp2", world_size=4, tp=2, layerwise=True), ValueError, "tp="),
+    (dict(engine="fsdp2", world_size=4, tp=2, reparam="sltrain"), ValueError, "tp="),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
