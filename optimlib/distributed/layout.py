@@ -179,6 +179,17 @@ def on_local(weight: torch.Tensor, fn) -> torch.Tensor:
                               stride=weight.stride())
 
 
+def copies(t: torch.Tensor) -> int:
+    """How many processes of the default group hold each element of ``t``'s local block: the
+    ranks a DTensor's mesh replicates it over (``Replicate()`` dimensions) and the ranks outside
+    its mesh (a mesh over one dimension of a 2-D world); 1 for a plain tensor."""
+    if not is_dtensor(t):
+        return 1
+    mesh = t.device_mesh
+    pieces = math.prod(mesh.shape[d] for d, pl in enumerate(t.placements) if shard_dim(pl) is not None)
+    return dist.get_world_size() // pieces
+
+
 def local_blocks(shape, mesh, placements) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """``(local shape, global offset)`` of every rank's block of a DTensor of global ``shape``."""
     from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimlib import reparam
-from optimlib.distributed.layout import to_local
+from optimlib.distributed.layout import copies, to_local
 from optimlib.distributed.replicated import ReplicatedParams
 from optimlib.distributed.teardown import leave_process_group
 from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes, param_groups
@@ -229,6 +229,8 @@ class Engine:
             if reduce_grad is not None:
                 reduce_grad(p.grad)
             sq = to_local(p.grad).detach().float().square().sum()
+            if self.tp > 1:  # the norm sums every rank's blocks: count each element once
+                sq = sq / copies(p.grad)
             self._layerwise_sq = sq if self._layerwise_sq is None else self._layerwise_sq + sq
 
         self.layerwise = LayerwiseStepper(self.optimizer, self.accumulation, prepare)

@@ -75,11 +75,11 @@ def check_engine_config(cfg: RunConfig, engine_name: str) -> None:
         if problem:
             raise ConfigError(f"config key 'parallel.tp' ({cfg.parallel.tp}) does not fit model "
                               f"'{cfg.model.name}': {problem}")
-        for key, value in (("train.layerwise", cfg.train.layerwise), ("reparam.method", cfg.reparam.method)):
-            if value:
-                raise ConfigError(f"config key '{key}' ({value}) is not available with parallel.tp > 1: the "
-                                  f"tensor-parallel plan shards plain nn.Linear layers and steps after the "
-                                  f"backward pass; set parallel.tp=1 or drop {key}")
+        if cfg.reparam.method:
+            raise ConfigError(f"config key 'reparam.method' ({cfg.reparam.method}) is not available with "
+                              f"parallel.tp > 1: the launcher reparameterizes before it shards, and the "
+                              f"tensor-parallel plan shards plain nn.Linear layers; set parallel.tp=1 or drop "
+                              f"reparam.method")
     if engine_name == "ddp" and "RANK" not in os.environ:
         raise ConfigError("engine=ddp needs torchrun (torchrun --nproc_per_node N launch/pretrain.py ... "
                           "engine=ddp); this process was started without it")

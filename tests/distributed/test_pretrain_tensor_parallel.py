@@ -3,7 +3,8 @@
 The launcher's (dp=2, tp=2) mesh: the LLaMA blocks' q/k/v/gate/up column-wise and o/down
 row-wise over tp, FSDP2 over dp (optimlib/models/tensor_parallel.py).  Same global batches, fp32,
 gradient clipping on.  Tolerance: 2e-5 relative on every step's loss and the final eval loss;
-observed AdamW 9e-8, GaLore AdamW 5e-8 (SMMF, run once the same way, 1.9e-7).  The
+observed AdamW 9e-8, GaLore AdamW 5e-8 (SMMF, run once the same way, 1.9e-7); layer-wise
+stepping (``train.layerwise=true``) within the same tolerance; the logged gradient norms too.  The
 tensor-parallel run's own step-3 checkpoint resumes bit-exactly (GaLore AdamW: bases, low-rank
 moments, a refresh every 2 steps).  AdamP, SGDP, SMMF and the rest of the GaLore family on a 2-D
 mesh: test_tensor_parallel.py; config errors and checkpoint refusals need no launch
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRETRAIN, TINY_RUN, launch, train_losses
+from conftest import PRETRAIN, TINY_RUN, launch, read_metrics, train_losses
 from optimlib.train import checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -26,6 +27,9 @@ COMMON = [*TINY_RUN, "train.grad_clip=0.5", "train.checkpoint_every=3"]
 OPTIMIZERS = {
     "adamw": ["optim.name=adamw"],
     "galore_adamw": ["optim.name=galore_adamw", "optim.kwargs={rank: 4, update_proj_gap: 2}"],
+    # optimizer in backward: each parameter steps in its gradient hook, the norm summed block by block
+    "galore_adamw_layerwise": ["optim.name=galore_adamw", "optim.kwargs={rank: 4, update_proj_gap: 2}",
+                               "train.layerwise=true", "train.grad_clip=0"],
 }
 
 
@@ -55,6 +59,10 @@ def test_tp2_on_four_ranks_matches_one_process(runs, name):
     assert sorted(ref) == sorted(got) == list(range(1, 7))
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=RTOL), (name, step, ref[step], got[step])
+    norms = [{r["step"]: r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r} for run in (single, tp)]
+    assert sorted(norms[0]) == sorted(norms[1]) == list(range(1, 7))
+    for step, norm in norms[0].items():   # each element counted once, whatever holds copies of it
+        assert norms[1][step] == pytest.approx(norm, rel=RTOL), (name, step, norm, norms[1][step])
     s1 = json.loads((single / "summary.json").read_text())
     s2 = json.loads((tp / "summary.json").read_text())
     assert (s2["engine"], s2["world_size"]) == ("fsdp2", 4)
