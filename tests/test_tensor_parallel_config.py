@@ -32,10 +32,13 @@ def test_tp_must_divide_the_ranks(monkeypatch):
     check_engine_config(load_config(None, ["parallel.tp=4"]), "fsdp2")
 
 
-def test_tp_refuses_a_reparameterization(monkeypatch):
+@pytest.mark.parametrize("method", ["sltrain", "lost", "dynamic_rank", "lowrank"])
+def test_tp_refuses_a_module_replacing_reparameterization(monkeypatch, method):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match=r"'reparam.method' \(sltrain\) is not available with parallel.tp > 1"):
-        check_engine_config(load_config(None, ["parallel.tp=2", "reparam.method=sltrain"]), "fsdp2")
+    with pytest.raises(ConfigError, match=rf"'reparam.method' \({method}\) is not available with parallel.tp > 1: "
+                                          rf"{method} replaces the linears.* \(compander, nm\)"):
+        check_engine_config(load_config(None, ["parallel.tp=2", f"reparam.method={method}"]), "fsdp2")
+    check_engine_config(load_config(None, ["parallel.tp=2", "reparam.method=nm"]), "fsdp2")
 
 
 def test_tp_must_divide_heads_and_hidden_features():

@@ -157,6 +157,9 @@ class Engine:
         self.tp = cfg.parallel.tp
         """Tensor-parallel degree: ranks ``d * tp .. d * tp + tp - 1`` hold one model replica's shards
         and train on the same data (the data-parallel rank ``d``)."""
+        self.reparameterize = None
+        """With ``tp`` > 1: what reparameterizes the model once its linears are tensor parallel
+        (N:M and the compander act on each rank's block), before FSDP2 shards it."""
         self.model: nn.Module | None = None
         self.optimizer = None
         self.replicated: ReplicatedParams | None = None
@@ -459,6 +462,8 @@ class FSDP2Engine(Engine):
 
             mesh_2d = init_device_mesh(self.device.type, (self.data_world, self.tp), mesh_dim_names=("dp", "tp"))
             apply_tensor_parallel(model, mesh_2d["tp"])
+            if self.reparameterize is not None:
+                model = self.reparameterize(model)
             mesh = mesh_2d["dp"]
         else:
             mesh = init_device_mesh(self.device.type, (self.world_size,))

@@ -75,11 +75,13 @@ def check_engine_config(cfg: RunConfig, engine_name: str) -> None:
         if problem:
             raise ConfigError(f"config key 'parallel.tp' ({cfg.parallel.tp}) does not fit model "
                               f"'{cfg.model.name}': {problem}")
-        if cfg.reparam.method:
-            raise ConfigError(f"config key 'reparam.method' ({cfg.reparam.method}) is not available with "
-                              f"parallel.tp > 1: the launcher reparameterizes before it shards, and the "
-                              f"tensor-parallel plan shards plain nn.Linear layers; set parallel.tp=1 or drop "
-                              f"reparam.method")
+        method = cfg.reparam.method
+        if method in reparam.list_reparams() and not reparam.get_reparam_spec(method).tensor_parallel:
+            capable = ", ".join(n for n in reparam.list_reparams() if reparam.get_reparam_spec(n).tensor_parallel)
+            raise ConfigError(f"config key 'reparam.method' ({method}) is not available with parallel.tp > 1: "
+                              f"{method} replaces the linears, which then have no tensor-parallel form; set "
+                              f"parallel.tp=1, or use a reparameterization that acts on tensor-parallel "
+                              f"linears ({capable})")
     if engine_name == "ddp" and "RANK" not in os.environ:
         raise ConfigError("engine=ddp needs torchrun (torchrun --nproc_per_node N launch/pretrain.py ... "
                           "engine=ddp); this process was started without it")
@@ -153,12 +155,19 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     if corpus.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the corpus has {corpus.vocab_size} token ids but model '{cfg.model.name}' has a "
                           f"vocabulary of {model.config.vocab_size}; set model.vocab_size")
-    model = _apply_reparam(model, cfg)
-    n_params = sum(p.numel() for p in model.parameters())
+    after_tensor_parallel = cfg.parallel.tp > 1 and bool(cfg.reparam.method)
+    if not after_tensor_parallel:
+        model = _apply_reparam(model, cfg)
     flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
 
     engine = ENGINES[engine_name](cfg, device, rank, world)
+    if after_tensor_parallel:  # N:M and the compander act on the tensor-parallel blocks
+        engine.reparameterize = lambda m: _apply_reparam(m, cfg)
+    else:
+        n_params = sum(p.numel() for p in model.parameters())
     engine.setup(model)
+    if after_tensor_parallel:  # DTensors: numel is the global count
+        n_params = sum(p.numel() for p in engine.module.parameters())
 
     train_blocks = PackedBlocks(corpus.train, cfg.data.seq_len)
     eval_blocks = PackedBlocks(corpus.eval, cfg.data.seq_len)
