@@ -7,7 +7,10 @@ registered optimizer ``NAME``, wraps it the way ``launch/pretrain.py`` does (FSD
 ``fully_shard`` on every block, then the root; DeepSpeed: ``deepspeed.initialize`` with the
 optimizer as client, one parameter per group for shape-aware optimizers), runs one
 forward/backward and one optimizer step on random tokens, and writes every rank's bytes to
-``OUT.json`` as ``{model: {name: {"kwargs": ..., "ranks": [...]}}}`` (rank 0 writes).
+``OUT.json`` as ``{model: {name: {"kwargs": ..., "ranks": [...]}}}`` (rank 0 writes).  Under FSDP2
+each model is wrapped and differentiated once, and every optimizer steps those gradients (the
+bytes do not depend on their values); DeepSpeed wraps model and optimizer together, so each
+optimizer gets a fresh model.
 
 ``fsdp2_tpN`` (e.g. ``fsdp2_tp2`` under ``--nproc_per_node 4``) builds the model as the launcher
 does with ``parallel.tp=N``: a ``(world / N, N)`` mesh named ``("dp", "tp")``, the tensor-parallel
@@ -117,6 +120,41 @@ def saved_forward_bytes(model, forward):
     return out, sum(sizes.values())
 
 
+_FSDP2_MODEL: dict = {}
+
+
+def fsdp2_model(engine: str, model_name: str, build, x, y):
+    """``(model, {"grad_bytes", ["activation_bytes"]})``: the model ``model_name`` (``build()``)
+    wrapped as the launcher wraps it and back-propagated once, or the one already wrapped for
+    ``model_name``: every optimizer then steps the same gradients, whose values the bytes do
+    not depend on (the model is built, sharded and differentiated once per model, not per optimizer)."""
+    from optimlib.bench.accounting import grad_bytes
+
+    key = (engine, model_name)
+    if key not in _FSDP2_MODEL:
+        from torch.distributed.fsdp import fully_shard
+
+        _FSDP2_MODEL.clear()
+        model, measured = build(), {}
+        mesh, tp_mesh = meshes(dist.get_world_size(), tp_degree(engine))
+        if tp_mesh is not None:
+            from optimlib.models.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, tp_mesh)
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        if tp_mesh is not None:
+            loss, measured["activation_bytes"] = saved_forward_bytes(model, lambda: loss_of(model, x, y))
+        else:
+            loss = loss_of(model, x, y)
+        loss.backward()
+        measured["grad_bytes"] = grad_bytes(model)
+        _FSDP2_MODEL[key] = (model, measured)
+    model, measured = _FSDP2_MODEL[key]
+    return model, dict(measured)
+
+
 def client(opt):
     while type(opt).__module__.startswith("deepspeed") and getattr(opt, "optimizer", None) not in (None, opt):
         opt = opt.optimizer
@@ -137,15 +175,18 @@ def count_step_grads(opt, seen: dict) -> None:
 
 
 def measure(engine: str, model_name: str, name: str, randomized_basis: bool) -> dict:
-    from optimlib.bench.accounting import grad_bytes, param_bytes, state_bytes
+    from optimlib.bench.accounting import param_bytes, state_bytes
     from optimlib.bench.contenders import optimizer_kwargs
     from optimlib.models import build_model
     from optimlib.optim import create_optimizer, get_optimizer_spec, optimizer_state_bytes
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
     base, overrides = model_spec(model_name)
-    model = build_model(base, **overrides)
+
+    def build():
+        torch.manual_seed(0)
+        return build_model(base, **overrides)
+
     kwargs = optimizer_kwargs(name, base)
     if randomized_basis:
         kwargs = cheap_basis(name, kwargs)
@@ -153,23 +194,9 @@ def measure(engine: str, model_name: str, name: str, randomized_basis: bool) -> 
     x, y = batch(rank // tp)
     out = {}
     if engine.startswith("fsdp2"):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh, tp_mesh = meshes(world, tp)
-        if tp_mesh is not None:
-            from optimlib.models.tensor_parallel import apply_tensor_parallel
-
-            apply_tensor_parallel(model, tp_mesh)
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model, measured = fsdp2_model(engine, model_name, build, x, y)
+        out.update(measured)
         opt = create_optimizer(model, name, lr=1e-3, **kwargs)
-        if tp_mesh is not None:
-            loss, out["activation_bytes"] = saved_forward_bytes(model, lambda: loss_of(model, x, y))
-        else:
-            loss = loss_of(model, x, y)
-        loss.backward()
-        out["grad_bytes"] = grad_bytes(model)
         opt.step()
         out["param_bytes"] = param_bytes(model)
         inner = opt
@@ -177,6 +204,7 @@ def measure(engine: str, model_name: str, name: str, randomized_basis: bool) -> 
         import deepspeed
 
         stage = int(engine[2:])
+        model = build()
         opt = create_optimizer(model, name, lr=1e-3, per_parameter_groups=get_optimizer_spec(name).shape_aware,
                                **kwargs)
         config = {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,

@@ -3,11 +3,11 @@
 The launcher's (dp=2, tp=2) mesh: the LLaMA blocks' q/k/v/gate/up column-wise and o/down
 row-wise over tp, FSDP2 over dp (optimlib/models/tensor_parallel.py).  Same global batches, fp32,
 gradient clipping on.  Tolerance: 2e-5 relative on every step's loss and the final eval loss;
-observed AdamW 9e-8, GaLore AdamW 5e-8 (SMMF, run once the same way, 1.9e-7); layer-wise
-stepping (``train.layerwise=true``) and N:M SR-STE on the tensor-parallel linears
+observed AdamW 9e-8 (GaLore AdamW 5e-8 and SMMF 1.9e-7, run once the same way); GaLore AdamW
+stepped in backward (``train.layerwise=true``) and N:M SR-STE on the tensor-parallel linears
 (``reparam.method=nm``) within the same tolerance; the logged gradient norms too.  The
-tensor-parallel run's own step-3 checkpoint resumes bit-exactly (GaLore AdamW: bases, low-rank
-moments, a refresh every 2 steps).  AdamP, SGDP, SMMF and the rest of the GaLore family on a 2-D
+tensor-parallel run's own step-3 checkpoint resumes bit-exactly (GaLore AdamW in backward: bases,
+low-rank moments, a refresh every 2 steps).  AdamP, SGDP, SMMF and the rest of the GaLore family on a 2-D
 mesh: test_tensor_parallel.py; config errors and checkpoint refusals need no launch
 (tests/test_tensor_parallel_config.py).
 """
@@ -27,8 +27,7 @@ RTOL = 2e-5
 COMMON = [*TINY_RUN, "train.grad_clip=0.5", "train.checkpoint_every=3"]
 OPTIMIZERS = {
     "adamw": ["optim.name=adamw"],
-    "galore_adamw": ["optim.name=galore_adamw", "optim.kwargs={rank: 4, update_proj_gap: 2}"],
-    # optimizer in backward: each parameter steps in its gradient hook, the norm summed block by block
+    # GaLore stepped in backward: each parameter steps in its gradient hook, the norm summed block by block
     "galore_adamw_layerwise": ["optim.name=galore_adamw", "optim.kwargs={rank: 4, update_proj_gap: 2}",
                                "train.layerwise=true", "train.grad_clip=0"],
     # N:M on the tensor-parallel linears (applied after the plan, before FSDP2), AdamW
@@ -76,13 +75,13 @@ def test_tp2_on_four_ranks_matches_one_process(runs, name):
 
 
 def test_tp2_resumes_its_own_checkpoint_exactly(runs, tmp_path):
-    source = runs("galore_adamw", 2)
+    source = runs("galore_adamw_layerwise", 2)
     root = tmp_path / "checkpoints"
     root.mkdir()
     shutil.copytree(checkpoint.step_dir(source / "checkpoints", 3), checkpoint.step_dir(root, 3))
     assert json.loads((root / checkpoint.step_dir(root, 3).name / checkpoint.MANIFEST).read_text())["tp"] == 2
-    launch(PRETRAIN, [*COMMON, *OPTIMIZERS["galore_adamw"], f"out_dir={tmp_path}", "resume=auto", "parallel.tp=2"],
-           launcher="torchrun", nproc=4, timeout=600)
+    launch(PRETRAIN, [*COMMON, *OPTIMIZERS["galore_adamw_layerwise"], f"out_dir={tmp_path}", "resume=auto",
+                      "parallel.tp=2"], launcher="torchrun", nproc=4, timeout=600)
     ref, got = train_losses(source), train_losses(tmp_path)
     assert sorted(got) == [4, 5, 6]
     assert all(got[step] == ref[step] for step in got), (ref, got)
