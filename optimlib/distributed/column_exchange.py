@@ -50,7 +50,6 @@ class ColumnExchange:
                       and [dist.get_group_rank(self.group, int(mesh.mesh[tuple(c)])) for c in peers]
                       == list(range(len(peers))))
         self.me = me[self.dim]
-        self.n = int(shape[1])
 
     def to_rows(self, block: torch.Tensor) -> torch.Tensor:
         """This rank's ``(rows, n)`` after the exchange, from its ``(rows of all, cols)`` block."""

@@ -145,14 +145,6 @@ class MeshRows:
         return [_StridedShard(dim, split_factor=pl.split_factor) if isinstance(pl, _StridedShard)
                 else Shard(dim) if pl.is_shard() else pl for pl in self.placements]
 
-    def wrap(self, local: torch.Tensor, dim: int, shape) -> torch.Tensor:
-        """``local`` (this rank's block of a tensor of global ``shape`` divided along ``dim`` like the
-        rows) as a DTensor on the mesh, so distributed checkpoints save every block."""
-        shape = tuple(shape)
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return DTensor.from_local(local.contiguous(), self.mesh, self.placements_on(dim), run_check=False,
-                                  shape=shape, stride=stride)
-
 
 def shard_like(mesh, piece: FlatSlice, local: torch.Tensor, dim: int, shape) -> torch.Tensor:
     """``local``, this rank's block of a state tensor of global ``shape`` divided along ``dim`` the
@@ -160,12 +152,10 @@ def shard_like(mesh, piece: FlatSlice, local: torch.Tensor, dim: int, shape) -> 
     checkpoints save every block); ``local`` itself when ``mesh`` is ``None`` (no DTensor)."""
     if mesh is None:
         return local
-    if piece.sharding is not None:
-        return piece.sharding.wrap(local, dim, shape)
+    placements = piece.sharding.placements_on(dim) if piece.sharding is not None else [Shard(dim)]
     shape = tuple(shape)
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    return DTensor.from_local(local.contiguous(), mesh, [Shard(dim)], run_check=False, shape=shape,
-                              stride=stride)
+    return DTensor.from_local(local.contiguous(), mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 def on_local(weight: torch.Tensor, fn) -> torch.Tensor:

@@ -68,6 +68,11 @@ def list_reparams() -> list[str]:
     return _REGISTRY.names()
 
 
+def tensor_parallel_reparams() -> list[str]:
+    """The registered reparameterizations that apply to tensor-parallel linears."""
+    return [name for name in list_reparams() if get_reparam_spec(name).tensor_parallel]
+
+
 def get_reparam_spec(name: str) -> ReparamSpec:
     return _REGISTRY.get(name)
 
@@ -99,7 +104,7 @@ def apply(model: nn.Module, method: str, targets: Sequence[str] | None = None, *
                 f"placed {tuple(linear.weight.placements)}), and {method} replaces the module, which has no "
                 f"tensor-parallel form.  Reparameterize the plain model, then shard it with fully_shard or "
                 f"DeepSpeed (leave its layers out of the tensor-parallel plan), or leave this linear out of the "
-                f"targets; nm and compander apply to tensor-parallel linears")
+                f"targets; {', '.join(tensor_parallel_reparams())} apply to tensor-parallel linears")
     for name, linear in targeted:
         new = spec.convert(linear, **options)
         if new is not linear:
@@ -158,7 +163,7 @@ def replicated_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 
 __all__ = ["ReparamSpec", "after_skipped_step", "after_step", "apply", "get_reparam_spec", "list_reparams", "merge",
-           "register_reparam", "replicated_parameters"]
+           "register_reparam", "replicated_parameters", "tensor_parallel_reparams"]
 
 from optimlib.reparam import sltrain  # noqa: E402,F401  (registers sltrain, lowrank)
 from optimlib.reparam import nm  # noqa: E402,F401  (registers nm)

@@ -211,10 +211,6 @@ class Engine:
         """Data-parallel ranks: those that take different shares of each global batch."""
         return self.world_size // self.tp
 
-    @property
-    def data_rank(self) -> int:
-        return self.rank // self.tp
-
     def setup(self, model: nn.Module) -> None:
         self.model = model.to(self.device)
         self.optimizer = self.build_optimizer(self.model)

@@ -77,7 +77,7 @@ def check_engine_config(cfg: RunConfig, engine_name: str) -> None:
                               f"'{cfg.model.name}': {problem}")
         method = cfg.reparam.method
         if method in reparam.list_reparams() and not reparam.get_reparam_spec(method).tensor_parallel:
-            capable = ", ".join(n for n in reparam.list_reparams() if reparam.get_reparam_spec(n).tensor_parallel)
+            capable = ", ".join(reparam.tensor_parallel_reparams())
             raise ConfigError(f"config key 'reparam.method' ({method}) is not available with parallel.tp > 1: "
                               f"{method} replaces the linears, which then have no tensor-parallel form; set "
                               f"parallel.tp=1, or use a reparameterization that acts on tensor-parallel "
