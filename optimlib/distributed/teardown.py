@@ -5,9 +5,12 @@ Two failure modes seen on this project's CPU runs, both *after* all work is done
 * a rank that exits while its peers still talk to it aborts in gloo's destructor
   ("terminate called without an active exception") -- :func:`leave_process_group` makes the
   ranks leave together (barrier, then ``destroy_process_group``);
-* even after that, about 1 DeepSpeed ZeRO-3 run in 8 on CPU aborts the same way during
-  interpreter finalization (faulthandler shows no Python frame: a third-party C++ static
-  destructor). :func:`exit_process` flushes stdio and ends the process with ``os._exit``,
+* even after that, about 1 DeepSpeed ZeRO-3 run in 8 on CPU, and 1 Lightning FSDP2 run in 6,
+  aborts the same way during interpreter finalization. A core dump of the Lightning case shows
+  a gloo worker thread (``ProcessGroupGloo::runLoop``) destroying a finished all-gather whose
+  output tensor still has a Python object: the decref needs the GIL, which a thread cannot take
+  once finalization has begun, so it exits from inside a ``noexcept`` frame.
+  :func:`exit_process` flushes stdio and ends the process with ``os._exit``,
   skipping finalization. Call it only where nothing else remains to run: at the end of a
   ``__main__`` block of a distributed program, never inside a library function.
 
