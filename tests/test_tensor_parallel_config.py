@@ -32,13 +32,15 @@ def test_tp_must_divide_the_ranks(monkeypatch):
     check_engine_config(load_config(None, ["parallel.tp=4"]), "fsdp2")
 
 
-@pytest.mark.parametrize("method", ["sltrain", "lost", "dynamic_rank", "lowrank"])
-def test_tp_refuses_a_module_replacing_reparameterization(monkeypatch, method):
+@pytest.mark.parametrize("method", ["lost", "dynamic_rank"])
+def test_tp_refuses_a_reparameterization_without_a_tensor_parallel_form(monkeypatch, method):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match=rf"'reparam.method' \({method}\) is not available with parallel.tp > 1: "
-                                          rf"{method} replaces the linears.* \(compander, nm\)"):
+                                          rf"{method} replaces the linears by layers that have no tensor-parallel "
+                                          rf"form.* \(compander, lowrank, nm, sltrain\)"):
         check_engine_config(load_config(None, ["parallel.tp=2", f"reparam.method={method}"]), "fsdp2")
-    check_engine_config(load_config(None, ["parallel.tp=2", "reparam.method=nm"]), "fsdp2")
+    for works in ("nm", "compander", "sltrain", "lowrank"):
+        check_engine_config(load_config(None, ["parallel.tp=2", f"reparam.method={works}"]), "fsdp2")
 
 
 def test_tp_must_divide_heads_and_hidden_features():

@@ -229,8 +229,8 @@ def _check_tp(tp, engine: str, world_size: int, name: str, cfg: LlamaConfig, rep
         raise ValueError(f"invalid tp={tp} for model {name}: {problem}")
     for what, value in (("reparam", reparam), ("layerwise", layerwise)):
         if value:
-            raise ValueError(f"invalid tp={tp} with {what}={value!r}: the tensor-parallel plan shards plain "
-                             "nn.Linear layers and steps after the backward pass")
+            raise ValueError(f"invalid tp={tp} with {what}={value!r}: the estimate under tensor parallelism "
+                             f"covers plain linears stepped after the backward pass; estimate {what} with tp=1")
 
 
 def _meta_model(cfg: LlamaConfig, dtype: torch.dtype, reparam, reparam_options):

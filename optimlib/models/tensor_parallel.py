@@ -9,6 +9,10 @@ then shards every parameter over the data-parallel ranks of the (dp, tp) mesh
 (:class:`optimlib.train.engine.FSDP2Engine`), which gives the column-wise weights the placements
 ``(_StridedShard(0), Shard(0))`` and the row-wise ones ``(Shard(0), Shard(1))``; optimlib's
 optimizers step both exactly (:mod:`optimlib.distributed.layout`).
+
+A linear already replaced by a reparameterized layer that has a tensor-parallel form (SLTrain's
+:class:`~optimlib.reparam.sltrain.SparseLowRankLinear`: a ``parallelize(mesh, style)`` method)
+distributes itself in the same style (:func:`parallelize_linears`).
 """
 
 from __future__ import annotations
@@ -29,11 +33,34 @@ def tensor_parallel_problem(model_config, tp: int) -> str | None:
     return None
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
-    """Parallelize every block of the LLaMA ``model`` over the 1-D ``tp_mesh`` (in place)."""
+def parallelize_linears(module: nn.Module, tp_mesh, styles: dict[str, str]) -> nn.Module:
+    """Make the linears of ``module`` named in ``styles`` (name -> ``"colwise"`` | ``"rowwise"``)
+    tensor parallel over the 1-D ``tp_mesh`` (in place): an ``nn.Linear`` through torch's
+    ``ColwiseParallel`` / ``RowwiseParallel``, a layer with a ``parallelize(mesh, style)`` method
+    through that method."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    plan = {**{name: ColwiseParallel() for name in COLUMN_WISE}, **{name: RowwiseParallel() for name in ROW_WISE}}
+    torch_styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {}
+    for name, style in styles.items():
+        if style not in torch_styles:
+            raise ValueError(f"style of {name!r} must be 'colwise' or 'rowwise', got {style!r}")
+        layer = module.get_submodule(name)
+        if type(layer) is nn.Linear:
+            plan[name] = torch_styles[style]()
+        elif callable(getattr(layer, "parallelize", None)):
+            layer.parallelize(tp_mesh, style)
+        else:
+            raise TypeError(f"{name!r} is a {type(layer).__name__}, which has no tensor-parallel form (an nn.Linear "
+                            f"or a layer with a parallelize(mesh, style) method has)")
+    if plan:
+        parallelize_module(module, tp_mesh, plan)
+    return module
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
+    """Parallelize every block of the LLaMA ``model`` over the 1-D ``tp_mesh`` (in place)."""
+    styles = {**dict.fromkeys(COLUMN_WISE, "colwise"), **dict.fromkeys(ROW_WISE, "rowwise")}
     for block in model.layers:
-        parallelize_module(block, tp_mesh, plan)
+        parallelize_linears(block, tp_mesh, styles)
     return model

@@ -49,18 +49,24 @@ class ReparamSpec:
     defaults: dict = field(default_factory=dict)
     description: str = ""
     tensor_parallel: bool = False
-    """Whether it applies to a linear that is already tensor parallel (a DTensor weight)."""
+    """Whether it works under tensor parallelism."""
+    parametrization: bool = False
+    """It parametrizes the linear's weight in place (``torch.nn.utils.parametrize``) instead of
+    replacing the module.  Under tensor parallelism a parametrization is applied after the plan,
+    to each rank's block of the weight; a replacement before it (the plan distributes the new
+    layer)."""
 
 
 _REGISTRY: Registry[ReparamSpec] = Registry("reparameterization")
 
 
 def register_reparam(name: str, convert: Callable[..., nn.Module], *, defaults: dict | None = None,
-                     description: str = "", tensor_parallel: bool = False) -> ReparamSpec:
-    """Register ``convert(linear, **options) -> nn.Module`` under ``name`` (lower-case);
-    ``tensor_parallel``: ``convert`` also takes a linear whose weight is a DTensor."""
+                     description: str = "", tensor_parallel: bool = False,
+                     parametrization: bool = False) -> ReparamSpec:
+    """Register ``convert(linear, **options) -> nn.Module`` under ``name`` (lower-case); see
+    :class:`ReparamSpec` for ``tensor_parallel`` and ``parametrization``."""
     return _REGISTRY.add(name, ReparamSpec(name.lower(), convert, dict(defaults or {}), description,
-                                           tensor_parallel))
+                                           tensor_parallel, parametrization))
 
 
 def list_reparams() -> list[str]:
@@ -88,23 +94,30 @@ def apply(model: nn.Module, method: str, targets: Sequence[str] | None = None, *
     ``method``; returns ``model`` (changed in place).
 
     Apply it before ``fully_shard`` / DeepSpeed, which then shard the reparameterized layers like
-    any module.  Under tensor parallelism, apply it after ``parallelize_module`` (whose
-    ``ColwiseParallel``/``RowwiseParallel`` shard plain ``nn.Linear`` only): the parametrizations
-    (``nm``, ``compander``) then act on each rank's block of the weight.  The module replacements
-    (SLTrain, LOST, dynamic rank) have no tensor-parallel form: a linear whose weight is already a
-    DTensor is refused for them, naming it.
+    any module.  Under tensor parallelism, apply a parametrization (``nm``, ``compander``) after
+    ``parallelize_module``: it acts on each rank's block of the weight.  Apply a module replacement
+    with a tensor-parallel form (``sltrain``, ``lowrank``) before the plan, and make the plan with
+    :func:`optimlib.models.tensor_parallel.parallelize_linears`, which distributes the new layers.
+    The other replacements (LOST, dynamic rank) have no tensor-parallel form.  A linear whose weight
+    is already a DTensor is refused for every replacement, naming it.
     """
     spec = get_reparam_spec(method)
     options = {**spec.defaults, **options}
     targeted = target_linears(model, targets)
     for name, linear in targeted:
-        if is_dtensor(linear.weight) and not spec.tensor_parallel:
+        if is_dtensor(linear.weight) and not spec.parametrization:
+            if spec.tensor_parallel:
+                way_out = (f"{method} replaces the module: apply it to the plain model, then make the tensor-parallel "
+                           f"plan with optimlib.models.tensor_parallel.parallelize_linears, which distributes the "
+                           f"new layer")
+            else:
+                way_out = (f"{method} replaces the module, which has no tensor-parallel form.  Reparameterize the "
+                           f"plain model, then shard it with fully_shard or DeepSpeed (leave its layers out of the "
+                           f"tensor-parallel plan), or leave this linear out of the targets; "
+                           f"{', '.join(tensor_parallel_reparams())} work under tensor parallelism")
             raise ValueError(
                 f"optimlib.reparam.apply({method!r}): linear {name!r} is already distributed (its weight is a DTensor "
-                f"placed {tuple(linear.weight.placements)}), and {method} replaces the module, which has no "
-                f"tensor-parallel form.  Reparameterize the plain model, then shard it with fully_shard or "
-                f"DeepSpeed (leave its layers out of the tensor-parallel plan), or leave this linear out of the "
-                f"targets; {', '.join(tensor_parallel_reparams())} apply to tensor-parallel linears")
+                f"placed {tuple(linear.weight.placements)}), and {way_out}")
     for name, linear in targeted:
         new = spec.convert(linear, **options)
         if new is not linear:

@@ -179,7 +179,7 @@ def compand(linear: nn.Linear, *, saturation: float = 3.0, slope: float = 2.0, l
     return linear
 
 
-register_reparam("compander", compand, tensor_parallel=True,
+register_reparam("compander", compand, tensor_parallel=True, parametrization=True,
                  description="weight compander W = a*tanh(k*theta/a) (Cakaj et al. 2023; form ours)")
 
 __all__ = ["Compander", "compand", "variance_preserving_target"]

@@ -445,7 +445,7 @@ def nm_sparsify(linear: nn.Linear, n: int = 2, m: int = 4, recipe: str = "srste"
     return linear
 
 
-register_reparam("nm", nm_sparsify, tensor_parallel=True,
+register_reparam("nm", nm_sparsify, tensor_parallel=True, parametrization=True,
                  description="N:M structured sparsity along the input dimension (ste, srste, mdgf, sdgf)")
 
 

@@ -41,6 +41,16 @@ each other exactly zero gradient: a saddle training never leaves, where only the
 the head learn.  SLTrain does not have that problem: ``W = S != 0`` at step 0.  (``b_init``
 overrides either choice.)
 
+Tensor parallelism: :meth:`SparseLowRankLinear.parallelize` gives the layer the placements of a
+column-wise (``B`` and the bias in row blocks; ``A`` and ``values`` whole) or row-wise (``A`` in
+column blocks; ``B``, ``values`` and the bias whole) parallel linear over a 1-D mesh.  Each rank
+composes its block of ``W`` from its factors and the non-zeros that fall in the block (a
+contiguous run of the sorted support for rows, a masked subset for columns) and runs the same
+custom op; the whole factors' and ``values``' gradients are summed over the tensor-parallel
+ranks in backward (:mod:`optimlib.distributed.parallel_region`), as is a column-wise layer's
+input gradient, and a row-wise layer's output in forward.  The index buffer stays whole, so a
+checkpoint holds the same support at any tensor-parallel degree.
+
 Defaults are the paper's LLaMA-60M setting: ``rank=128``, ``density=0.03``, ``alpha=32``
 (``alpha / r = 0.25``).  Note that a 1-D ``values`` lands in the factory's no-weight-decay
 group, as the bias and norms do (the paper trains with weight decay 0 anyway).
@@ -54,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimlib.distributed.parallel_region import copy_to_parallel_region, reduce_from_parallel_region
 from optimlib.kernels import sltrain_compose, sltrain_grads
 from optimlib.reparam import register_reparam
 from optimlib.validation import check_fraction, check_int
@@ -173,6 +184,9 @@ class SparseLowRankLinear(nn.Module):
             self.register_parameter("values", None)
             self.register_buffer("indices", None)
         self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
+        self.tp_style: str | None = None    # "colwise" | "rowwise" once parallelize() ran
+        self.tp_mesh = None
+        self._tp_support = None             # (key, positions in values, positions in the local block)
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -212,21 +226,90 @@ class SparseLowRankLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    def parallelize(self, tp_mesh, style: str) -> "SparseLowRankLinear":
+        """Make this layer tensor parallel over the 1-D ``tp_mesh`` (in place, before FSDP2 shards
+        it): ``style="colwise"`` splits the output features (``B``, bias: ``Shard(0)``),
+        ``"rowwise"`` the input features (``A``: ``Shard(1)``); the other parameters are
+        ``Replicate()``.  The split dimension must divide evenly over the mesh."""
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        if self.tp_style is not None:
+            raise RuntimeError(f"this SparseLowRankLinear is already tensor parallel ({self.tp_style})")
+        sharded = {"colwise": {"B": Shard(0), "bias": Shard(0)}, "rowwise": {"A": Shard(1)}}
+        if style not in sharded:
+            raise ValueError(f"style must be 'colwise' or 'rowwise', got {style!r}")
+        features = self.out_features if style == "colwise" else self.in_features
+        if features % tp_mesh.size():
+            side = "output" if style == "colwise" else "input"
+            raise ValueError(f"{style} tensor parallelism over {tp_mesh.size()} ranks needs the layer's {side} "
+                             f"features ({features}) to divide evenly")
+        for name, param in list(self.named_parameters(recurse=False)):
+            placement = sharded[style].get(name, Replicate())
+            setattr(self, name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [placement]),
+                                             requires_grad=param.requires_grad))
+        self.tp_style, self.tp_mesh = style, tp_mesh
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_style is not None:
+            return self._forward_tensor_parallel(x)
         return sparse_lowrank_linear(x, self.B, self.A * self.scale, self.values, self.indices, self.bias)
+
+    def _block_support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which non-zeros fall in this rank's block of ``W`` (positions in ``values``), and their
+        flat positions in the block; cached while the index buffer is unchanged."""
+        key = (self.indices.data_ptr(), self.indices._version)
+        if self._tp_support is None or self._tp_support[0] != key:
+            n, t = self.tp_mesh.size(), self.tp_mesh.get_local_rank()
+            flat = self.indices.long()
+            if self.tp_style == "colwise":     # rows [lo, hi): a contiguous run of the sorted support
+                rows = self.out_features // n
+                start, stop = t * rows * self.in_features, (t + 1) * rows * self.in_features
+                picked = torch.nonzero((flat >= start) & (flat < stop)).squeeze(1)
+                local = flat[picked] - start
+            else:                              # columns [c0, c0 + cols)
+                cols = self.in_features // n
+                row, col = flat // self.in_features, flat % self.in_features
+                picked = torch.nonzero((col >= t * cols) & (col < (t + 1) * cols)).squeeze(1)
+                local = row[picked] * cols + (col[picked] - t * cols)
+            self._tp_support = (key, picked, local.to(self.indices.dtype))
+        return self._tp_support[1], self._tp_support[2]
+
+    def _forward_tensor_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.tp_mesh.get_group()
+        A, B = self.A.to_local(), self.B.to_local()     # differentiable, unlike DTensor._local_tensor
+        bias = None if self.bias is None else self.bias.to_local()
+        values = local_indices = None
+        if self.values is not None:
+            picked, local_indices = self._block_support()
+            values = copy_to_parallel_region(self.values.to_local(), group).index_select(0, picked)
+        if self.tp_style == "colwise":
+            x = copy_to_parallel_region(x, group)
+            A_scaled = copy_to_parallel_region(A * self.scale, group)
+            return sparse_lowrank_linear(x, B, A_scaled, values, local_indices, bias)
+        B = copy_to_parallel_region(B, group)
+        y = reduce_from_parallel_region(sparse_lowrank_linear(x, B, A * self.scale, values, local_indices), group)
+        return y if bias is None else y + bias
+
+    def _whole(self, name: str) -> torch.Tensor | None:
+        tensor = getattr(self, name)
+        return tensor.full_tensor() if self.tp_style is not None and tensor is not None else tensor
 
     def dense_weight(self) -> torch.Tensor:
         """``(alpha/r) B A + S`` as a dense tensor, differentiable by plain autograd: the naive
         parametrization, an independent reference for the layer's own autograd function (tests)."""
-        W = self.B @ (self.A * self.scale)
-        if self.values is not None:
-            W = W.reshape(-1).index_add(0, self.indices, self.values).view(self.out_features, self.in_features)
+        values = self._whole("values")
+        W = self._whole("B") @ (self._whole("A") * self.scale)
+        if values is not None:
+            W = W.reshape(-1).index_add(0, self.indices, values).view(self.out_features, self.in_features)
         return W
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A dense ``nn.Linear`` holding the weight the forward composes (the same op)."""
-        return dense_linear(sltrain_compose(self.B, self.A * self.scale, self.values, self.indices), self.bias)
+        """A dense ``nn.Linear`` holding the weight the forward composes (the same op); under
+        tensor parallelism the whole weight, on every rank."""
+        return dense_linear(sltrain_compose(self._whole("B"), self._whole("A") * self.scale, self._whole("values"),
+                                            self.indices), self._whole("bias"))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -244,9 +327,9 @@ def _convert_lowrank(linear: nn.Linear, rank: int = 128, alpha: float = 32.0, b_
     return SparseLowRankLinear.from_linear(linear, rank=rank, density=0.0, alpha=alpha, b_init=b_init)
 
 
-register_reparam("sltrain", _convert_sltrain,
+register_reparam("sltrain", _convert_sltrain, tensor_parallel=True,
                  description="SLTrain: W = (alpha/r) B A + S, S on a fixed random support (Han et al., 2024)")
-register_reparam("lowrank", _convert_lowrank,
+register_reparam("lowrank", _convert_lowrank, tensor_parallel=True,
                  description="plain low-rank W = (alpha/r) B A (SLTrain with density 0)")
 
 __all__ = ["SparseLowRankLinear", "sample_support", "sltrain_parameter_count",

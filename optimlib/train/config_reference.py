@@ -36,7 +36,8 @@ NOTES = {
     "optim.eps": "Adam-family `eps`; unset: the optimizer's default.",
     "deepspeed.zero_stage": "ZeRO stage under the `deepspeed` launcher (0-3).",
     "reparam.method": "A weight reparameterization (`optimlib.reparam.list_reparams()`), applied before the "
-                      "engine wraps the model.",
+                      "engine shards the model; with `parallel.tp`, `nm` and `compander` act on the "
+                      "tensor-parallel blocks and `sltrain`/`lowrank` layers are distributed by the plan.",
     "reparam.targets": "Names or regexes of the linears to reparameterize; unset: the attention and MLP linears.",
     "reparam.options": "The reparameterization's options (`rank`, `density`, ...).",
 }

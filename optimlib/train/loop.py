@@ -79,7 +79,7 @@ def check_engine_config(cfg: RunConfig, engine_name: str) -> None:
         if method in reparam.list_reparams() and not reparam.get_reparam_spec(method).tensor_parallel:
             capable = ", ".join(reparam.tensor_parallel_reparams())
             raise ConfigError(f"config key 'reparam.method' ({method}) is not available with parallel.tp > 1: "
-                              f"{method} replaces the linears, which then have no tensor-parallel form; set "
+                              f"{method} replaces the linears by layers that have no tensor-parallel form; set "
                               f"parallel.tp=1, or use a reparameterization that acts on tensor-parallel "
                               f"linears ({capable})")
     if engine_name == "ddp" and "RANK" not in os.environ:
@@ -155,13 +155,16 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
     if corpus.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the corpus has {corpus.vocab_size} token ids but model '{cfg.model.name}' has a "
                           f"vocabulary of {model.config.vocab_size}; set model.vocab_size")
-    after_tensor_parallel = cfg.parallel.tp > 1 and bool(cfg.reparam.method)
+    # a parametrization (N:M, compander) acts on the tensor-parallel blocks; a module replacement
+    # (SLTrain) comes first and the plan distributes the new layers
+    after_tensor_parallel = (cfg.parallel.tp > 1 and cfg.reparam.method in reparam.list_reparams()
+                             and reparam.get_reparam_spec(cfg.reparam.method).parametrization)
     if not after_tensor_parallel:
         model = _apply_reparam(model, cfg)
     flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
 
     engine = ENGINES[engine_name](cfg, device, rank, world)
-    if after_tensor_parallel:  # N:M and the compander act on the tensor-parallel blocks
+    if after_tensor_parallel:
         engine.reparameterize = lambda m: _apply_reparam(m, cfg)
     else:
         n_params = sum(p.numel() for p in model.parameters())

@@ -347,6 +347,20 @@ def test_tp_divides_projections_over_the_mesh():
     assert one.activations - split.activations == 4 * 2 * 64 * cfg.n_layers * (shared - shared // 2)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tp=0), r"invalid tp=0: accepted range is an integer >= 1"),
+    (dict(tp=2, engine="deepspeed", zero_stage=2), r"invalid tp=2 for engine='deepspeed': tensor parallelism runs "
+                                                   r"under engine='fsdp2'"),
+    (dict(tp=3), r"invalid tp=3 for world_size=4: tp must divide it"),
+    (dict(tp=2, reparam="sltrain"), r"invalid tp=2 with reparam='sltrain': the estimate under tensor parallelism "
+                                    r"covers plain linears stepped after the backward pass; estimate reparam with tp=1"),
+    (dict(tp=2, layerwise=True), r"invalid tp=2 with layerwise=True: .* estimate layerwise with tp=1"),
+])
+def test_tp_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_memory("llama_tiny", "adamw", **{"engine": "fsdp2", "world_size": 4, **kwargs})
+
+
 def test_fit_grid_tp_setups():
     """``fsdp2:N:tpT`` setups reach the estimator; a model tp does not fit and layer-wise entries are
     left out; malformed setups are named."""

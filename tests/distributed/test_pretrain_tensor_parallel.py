@@ -4,8 +4,9 @@ The launcher's (dp=2, tp=2) mesh: the LLaMA blocks' q/k/v/gate/up column-wise an
 row-wise over tp, FSDP2 over dp (optimlib/models/tensor_parallel.py).  Same global batches, fp32,
 gradient clipping on.  Tolerance: 2e-5 relative on every step's loss and the final eval loss;
 observed AdamW 9e-8 (GaLore AdamW 5e-8 and SMMF 1.9e-7, run once the same way); GaLore AdamW
-stepped in backward (``train.layerwise=true``) and N:M SR-STE on the tensor-parallel linears
-(``reparam.method=nm``) within the same tolerance; the logged gradient norms too.  The
+stepped in backward (``train.layerwise=true``), N:M SR-STE on the tensor-parallel linears
+(``reparam.method=nm``) and SLTrain layers distributed by the plan (``reparam.method=sltrain``:
+losses 8.6e-8, gradient norms 1.0e-6) within the same tolerance; the logged gradient norms too.  The
 tensor-parallel run's own step-3 checkpoint resumes bit-exactly (GaLore AdamW in backward: bases,
 low-rank moments, a refresh every 2 steps).  AdamP, SGDP, SMMF and the rest of the GaLore family on a 2-D
 mesh: test_tensor_parallel.py; config errors and checkpoint refusals need no launch
@@ -32,6 +33,8 @@ OPTIMIZERS = {
                                "train.layerwise=true", "train.grad_clip=0"],
     # N:M on the tensor-parallel linears (applied after the plan, before FSDP2), AdamW
     "nm_srste": ["reparam.method=nm", "reparam.options={n: 2, m: 4, recipe: srste, srste_lambda: 0.01}"],
+    # SLTrain layers (applied before the plan, which distributes them), AdamW
+    "sltrain": ["reparam.method=sltrain", "reparam.options={rank: 8, density: 0.05}"],
 }
 
 

@@ -65,6 +65,8 @@ REPARAMS = {
     "nm_srste": ("nm", dict(n=2, m=4, recipe="srste")),
     "nm_mdgf": ("nm", dict(n=2, m=4, recipe="mdgf", dense_steps=2, decay_steps=4)),
     "compander": ("compander", dict(saturation=3.0, slope=2.0)),
+    "sltrain": ("sltrain", dict(rank=4, density=0.1)),
+    "lowrank": ("lowrank", dict(rank=4)),
 }
 
 
@@ -103,11 +105,10 @@ def parallelize(model, reparameterize=lambda model: None):
     over dp."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from optimlib.models.tensor_parallel import parallelize_linears
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    parallelize_module(model, mesh["tp"], {"gate": ColwiseParallel(), "up": ColwiseParallel(),
-                                           "down": RowwiseParallel()})
+    parallelize_linears(model, mesh["tp"], {"gate": "colwise", "up": "colwise", "down": "rowwise"})
     reparameterize(model)
     fully_shard(model, mesh=mesh["dp"])
     return model, mesh
@@ -157,10 +158,12 @@ def run_reparam(engine: str, name: str) -> dict:
         reparam.apply(m, method, targets=TARGETS, **options)
 
     lo, hi = 0, GLOBAL_BATCH
-    if engine == "single":
+    # a parametrization acts on the tensor-parallel blocks; a replacement comes before the plan
+    after_plan = reparam.get_reparam_spec(method).parametrization
+    if engine == "single" or not after_plan:
         reparameterize(model)
-    else:
-        model, mesh = parallelize(model, reparameterize)
+    if engine != "single":
+        model, mesh = parallelize(model, reparameterize if after_plan else lambda m: None)
         lo = mesh["dp"].get_local_rank() * (GLOBAL_BATCH // 2)
         hi = lo + GLOBAL_BATCH // 2
     opt = create_optimizer(model, "adamw", lr=1e-2, weight_decay=1e-2)
@@ -192,6 +195,7 @@ def run(engine: str, name: str, out: str) -> dict:
         hi = lo + half
         result["placements"] = placements(model)
         result["refusals"] = {"sltrain": reparam_refusal(model, "sltrain", rank=4),
+                              "lost": reparam_refusal(model, "lost", rank=4),
                               "nm_1of2": reparam_refusal(model, "nm", n=1, m=2)}
     opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
     train(model, opt, batches(), local_loss, lo, hi)

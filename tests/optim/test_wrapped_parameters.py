@@ -4,15 +4,11 @@ at the first step naming the optimizer, the parameter and the way out -- never a
 it would have to guess.  (The DeepSpeed and FSDP2 layouts themselves: tests/distributed/
 test_user_scripts.py.)"""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import optimlib
-from conftest import free_port
 
 SHAPE_AWARE = {
     "adamp": lambda params: optimlib.AdamP(params, lr=1e-2),
@@ -31,15 +27,6 @@ def _model():
 def _backward(model):
     x = torch.randn(4, 7, generator=torch.Generator().manual_seed(1))
     model(x).square().mean().backward()
-
-
-@pytest.fixture
-def one_rank_group():
-    """A gloo process group of one rank (what FSDP2 and the flat-partition mapping need)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", ["adamp", "smmf"])

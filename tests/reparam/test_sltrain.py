@@ -263,3 +263,37 @@ def test_forward_backward_memory_below_the_naive_parametrization():
     # The naive form keeps every dense W (and B A before the scatter) until backward.
     assert naive_saved - sl_saved >= dense_w, (sl_saved, naive_saved, dense_w)
     assert sl_peak < naive_peak - dense_w // 2, (sl_peak, naive_peak, dense_w)
+
+
+# ----------------------------------------------------------------------------- tensor-parallel form
+# (the 4-rank parity with one process: tests/distributed/test_tensor_parallel.py)
+def test_parallelize_places_the_factors_and_keeps_the_function(one_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    x = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    placed = {}
+    for style in ("colwise", "rowwise"):
+        layer = SparseLowRankLinear(20, 12, rank=3, density=0.2, seed=5).double()
+        nn.init.normal_(layer.B)
+        want = layer(x)
+        layer.parallelize(mesh, style)
+        placed[style] = {n: str(p.placements[0]) for n, p in layer.named_parameters()}
+        torch.testing.assert_close(layer(x), want, rtol=1e-14, atol=0)
+        torch.testing.assert_close(layer.merged().weight, layer.dense_weight(), rtol=1e-14, atol=0)
+        with pytest.raises(RuntimeError, match=f"already tensor parallel \\({style}\\)"):
+            layer.parallelize(mesh, style)
+    assert placed["colwise"] == {"A": "R", "B": "S(0)", "values": "R", "bias": "S(0)"}
+    assert placed["rowwise"] == {"A": "S(1)", "B": "R", "values": "R", "bias": "R"}
+    with pytest.raises(ValueError, match="style must be 'colwise' or 'rowwise', got 'diagonal'"):
+        SparseLowRankLinear(20, 12, rank=3).parallelize(mesh, "diagonal")
+
+
+def test_a_plan_names_the_layer_without_a_tensor_parallel_form(one_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from optimlib.models.tensor_parallel import parallelize_linears
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    reparam.apply(model, "lost", targets=["1"], rank=2)
+    with pytest.raises(TypeError, match="'1' is a LOSTLinear, which has no tensor-parallel form"):
+        parallelize_linears(model, init_device_mesh("cpu", (1,)), {"0": "colwise", "1": "rowwise"})
