@@ -32,14 +32,25 @@ def test_tp_must_divide_the_ranks(monkeypatch):
     check_engine_config(load_config(None, ["parallel.tp=4"]), "fsdp2")
 
 
-@pytest.mark.parametrize("method", ["lost", "dynamic_rank"])
-def test_tp_refuses_a_reparameterization_without_a_tensor_parallel_form(monkeypatch, method):
+@pytest.fixture
+def toy_replacement():
+    """A registered reparameterization that replaces the module and has no tensor-parallel form."""
+    import copy
+
+    from optimlib import reparam
+
+    reparam.register_reparam("toy_copy", lambda linear: copy.deepcopy(linear))
+    yield "toy_copy"
+    reparam._REGISTRY._specs.pop("toy_copy")
+
+
+def test_tp_refuses_a_reparameterization_without_a_tensor_parallel_form(monkeypatch, toy_replacement):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match=rf"'reparam.method' \({method}\) is not available with parallel.tp > 1: "
-                                          rf"{method} replaces the linears by layers that have no tensor-parallel "
-                                          rf"form.* \(compander, lowrank, nm, sltrain\)"):
-        check_engine_config(load_config(None, ["parallel.tp=2", f"reparam.method={method}"]), "fsdp2")
-    for works in ("nm", "compander", "sltrain", "lowrank"):
+    with pytest.raises(ConfigError, match=r"'reparam.method' \(toy_copy\) is not available with parallel.tp > 1: "
+                                          r"toy_copy replaces the linears by layers that have no tensor-parallel "
+                                          r"form.* \(compander, dynamic_rank, lost, lowrank, nm, sltrain\)"):
+        check_engine_config(load_config(None, ["parallel.tp=2", "reparam.method=toy_copy"]), "fsdp2")
+    for works in ("nm", "compander", "sltrain", "lowrank", "lost", "dynamic_rank"):
         check_engine_config(load_config(None, ["parallel.tp=2", f"reparam.method={works}"]), "fsdp2")
 
 

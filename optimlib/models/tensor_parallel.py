@@ -10,8 +10,8 @@ then shards every parameter over the data-parallel ranks of the (dp, tp) mesh
 ``(_StridedShard(0), Shard(0))`` and the row-wise ones ``(Shard(0), Shard(1))``; optimlib's
 optimizers step both exactly (:mod:`optimlib.distributed.layout`).
 
-A linear already replaced by a reparameterized layer that has a tensor-parallel form (SLTrain's
-:class:`~optimlib.reparam.sltrain.SparseLowRankLinear`: a ``parallelize(mesh, style)`` method)
+A linear already replaced by a reparameterized layer (SLTrain, LOST, dynamic rank: a
+``parallelize(mesh, style)`` method, :class:`optimlib.reparam._lowrank.TensorParallelFactors`)
 distributes itself in the same style (:func:`parallelize_linears`).
 """
 

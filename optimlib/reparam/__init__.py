@@ -96,10 +96,9 @@ def apply(model: nn.Module, method: str, targets: Sequence[str] | None = None, *
     Apply it before ``fully_shard`` / DeepSpeed, which then shard the reparameterized layers like
     any module.  Under tensor parallelism, apply a parametrization (``nm``, ``compander``) after
     ``parallelize_module``: it acts on each rank's block of the weight.  Apply a module replacement
-    with a tensor-parallel form (``sltrain``, ``lowrank``) before the plan, and make the plan with
+    (``sltrain``, ``lowrank``, ``lost``, ``dynamic_rank``) before the plan, and make the plan with
     :func:`optimlib.models.tensor_parallel.parallelize_linears`, which distributes the new layers.
-    The other replacements (LOST, dynamic rank) have no tensor-parallel form.  A linear whose weight
-    is already a DTensor is refused for every replacement, naming it.
+    A linear whose weight is already a DTensor is refused for every replacement, naming it.
     """
     spec = get_reparam_spec(method)
     options = {**spec.defaults, **options}

@@ -54,6 +54,15 @@ the same optimizer state, runs the same QR / SVD and takes the same rank decisio
 communication; gradient clipping uses the global norm over both kinds of parameters, so a run on
 N ranks matches one process.  A factor that *is* sharded (a ``DTensor``, or a ZeRO-3 partition)
 or missing from the optimizer handed to :meth:`after_step` is refused with a ``RuntimeError``.
+
+**Tensor parallel** (:meth:`DynamicRankLinear.parallelize`): ``U``, ``S``, ``V`` stay whole and
+replicated; only the bias is distributed (split by output rows column-wise).  Column-wise, each
+rank computes its output features from the whole ``h = x V Sᵀ`` (``k`` values per token) and its
+rows of ``U``; row-wise, each rank multiplies its input features by its rows of ``V``, the ranks'
+partial ``x_t V_t`` are summed (``k`` values per token), and ``S`` and ``U`` run whole.  In
+backward the ranks sum the gradients only a block of the computation produces (``h`` and ``U``
+column-wise, ``V`` row-wise), so every rank of a tensor-parallel group holds its replica's whole
+gradient and the engines' all-reduce over all ranks averages the data-parallel replicas.
 """
 
 from __future__ import annotations
@@ -65,11 +74,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimlib.distributed.layout import is_dtensor
+from optimlib.distributed.parallel_region import copy_to_parallel_region, reduce_from_parallel_region
 from optimlib.distributed.replicated import replace_parameter
 from optimlib.optim.state_spec import replace_param
 from optimlib.reparam import register_reparam
 from optimlib.validation import check_fraction, check_int
-from optimlib.reparam._lowrank import dense_linear, layer_generator
+from optimlib.reparam._lowrank import TensorParallelFactors, dense_linear, layer_generator
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -102,7 +112,7 @@ def _pad(t: torch.Tensor, cols: int, rows: int | None = None) -> torch.Tensor:
     return out
 
 
-class DynamicRankLinear(nn.Module):
+class DynamicRankLinear(TensorParallelFactors, nn.Module):
     """``y = x (U S Vᵀ)ᵀ + bias`` whose rank adapts in :meth:`after_step` (see the module doc).
 
     Options: ``rank`` (initial), ``min_rank``/``max_rank`` (bounds, default 1 and
@@ -114,6 +124,7 @@ class DynamicRankLinear(nn.Module):
 
     replicated_parameters = ("U", "S", "V")
     """Reshaped by :meth:`truncate`: the sharded engines keep them whole on every rank."""
+    TP_SHARDED = {"colwise": {"bias": 0}, "rowwise": {}}
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, min_rank: int = 1,
                  max_rank: int | None = None, tol: float = 0.1, augment: int | None = None,
@@ -185,14 +196,24 @@ class DynamicRankLinear(nn.Module):
         # The factors stay in their own dtype when an engine casts the sharded parameters (DeepSpeed
         # bf16): compute in the input's dtype.
         U, S, V = (p if p.dtype == x.dtype else p.to(x.dtype) for p in (self.U, self.S, self.V))
-        return F.linear(F.linear(F.linear(x, V.t()), S), U, self.bias)
+        if self.tp_style is None:
+            return F.linear(F.linear(F.linear(x, V.t()), S), U, self.bias)
+        group = self.tp_mesh.get_group()
+        bias = None if self.bias is None else self.bias.to_local()
+        start, stop = self.tp_block()
+        if self.tp_style == "colwise":
+            h = copy_to_parallel_region(F.linear(F.linear(x, V.t()), S), group)
+            return F.linear(h, copy_to_parallel_region(U, group)[start:stop], bias)
+        h = reduce_from_parallel_region(F.linear(x, copy_to_parallel_region(V, group)[start:stop].t()), group)
+        return F.linear(F.linear(h, S), U, bias)
 
     def dense_weight(self) -> torch.Tensor:
         return self.U @ self.S @ self.V.t()
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        return dense_linear(self.dense_weight(), self.bias)
+        """A dense ``nn.Linear`` of ``U S Vᵀ``; under tensor parallelism the whole weight, on every rank."""
+        return dense_linear(self.dense_weight(), self.whole("bias"))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -310,7 +331,7 @@ def _convert_dynamic_rank(linear: nn.Linear, rank: int = 32, **options) -> nn.Mo
     return DynamicRankLinear.from_linear(linear, rank=rank, **options)
 
 
-register_reparam("dynamic_rank", _convert_dynamic_rank,
+register_reparam("dynamic_rank", _convert_dynamic_rank, tensor_parallel=True,
                  description="rank-adaptive U S Vᵀ layers: augment, train, truncate by tolerance (after DLRT)")
 
 __all__ = ["DynamicRankLinear", "select_rank"]

@@ -34,6 +34,14 @@ Choices where the paper leaves the detail open:
 
 Trainable parameters: ``r (d_in + d_out) + k d_out`` (+ bias).  The forward never forms the
 dense weight; autograd saves ``x``, ``x Aᵀ`` (``r`` per token) and ``x[..., I]`` (``k`` per token).
+
+Tensor parallelism (:meth:`LOSTLinear.parallelize`): column-wise, ``B``, ``W_s`` and the bias are
+split by output rows and ``A`` is whole, so each rank computes its output features from the whole
+``x Aᵀ``; row-wise, ``A`` is split by input columns and ``B``, ``W_s`` and the bias are whole:
+the ranks' ``x_t A_tᵀ`` are summed before the activation (``r`` values per token) and each rank
+feeds the kept channels that fall in its block to the matching columns of ``W_s``, the sparse
+branch summed likewise.  Gradients of the whole tensors that only a block of the computation
+uses (``A`` and the input column-wise, ``W_s`` row-wise) are summed over the ranks in backward.
 """
 
 from __future__ import annotations
@@ -42,15 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimlib.distributed.parallel_region import copy_to_parallel_region, reduce_from_parallel_region
 from optimlib.reparam import register_reparam
 from optimlib.validation import check_fraction, check_int
-from optimlib.reparam._lowrank import count_of, dense_linear
+from optimlib.reparam._lowrank import TensorParallelFactors, count_of, dense_linear
 
 _ACTIVATIONS = {None: None, "none": None, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 _SCORES = {"l2": 2, "l1": 1}
 
 
-class LOSTLinear(nn.Module):
+class LOSTLinear(TensorParallelFactors, nn.Module):
     """``y = γ act(x Aᵀ) Bᵀ + (1 - γ) x[..., I] W_sᵀ + bias`` (see the module doc).
 
     Build it from a trained or freshly initialised layer with :meth:`from_linear`; the plain
@@ -112,26 +121,54 @@ class LOSTLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    TP_SHARDED = {"colwise": {"B": 0, "sparse_weight": 0, "bias": 0}, "rowwise": {"A": 1}}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.A)
+        if self.tp_style is not None:
+            return self._forward_tensor_parallel(x)
+        return self._combine(F.linear(x, self.A), x.index_select(-1, self.channels), self.B, self.sparse_weight,
+                             self.bias)
+
+    def _combine(self, h, x_kept, B, sparse_weight, bias, group=None):
+        """``γ act(h) Bᵀ + (1 - γ) x_kept W_sᵀ + bias``; with ``group`` (row-wise), ``h`` and the
+        sparse branch are this rank's partial sums, summed over it first."""
+        if group is not None:
+            h = reduce_from_parallel_region(h, group)
         if self._act is not None:
             h = self._act(h)
-        low_rank = F.linear(h, self.B)
-        sparse = F.linear(x.index_select(-1, self.channels), self.sparse_weight)
-        y = self.gamma * low_rank + (1.0 - self.gamma) * sparse
-        return y if self.bias is None else y + self.bias
+        sparse = F.linear(x_kept, sparse_weight)
+        if group is not None:
+            sparse = reduce_from_parallel_region(sparse, group)
+        y = self.gamma * F.linear(h, B) + (1.0 - self.gamma) * sparse
+        return y if bias is None else y + bias
+
+    def _forward_tensor_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.tp_mesh.get_group()
+        A, B, sparse_weight = self.A.to_local(), self.B.to_local(), self.sparse_weight.to_local()
+        bias = None if self.bias is None else self.bias.to_local()
+        if self.tp_style == "colwise":
+            x = copy_to_parallel_region(x, group)
+            h = F.linear(x, copy_to_parallel_region(A, group))
+            return self._combine(h, x.index_select(-1, self.channels), B, sparse_weight, bias)
+        start, stop = self.tp_block()
+        mine = torch.nonzero((self.channels >= start) & (self.channels < stop)).squeeze(1)
+        x_kept = x.index_select(-1, self.channels.index_select(0, mine) - start)
+        sparse_weight = copy_to_parallel_region(sparse_weight, group).index_select(1, mine)
+        return self._combine(F.linear(x, A), x_kept, B, sparse_weight, bias, group)
 
     def dense_weight(self) -> torch.Tensor:
         """``γ B A + (1 - γ) · W_s`` scattered into the channels ``I`` (needs ``activation=None``)."""
         if self.activation is not None:
             raise ValueError(f"a LOST layer with activation={self.activation!r} between its factors is "
                              f"not a linear map of one weight, so it has no dense form to merge into")
-        W = self.gamma * (self.B @ self.A)
-        return W.index_add(1, self.channels, (1.0 - self.gamma) * self.sparse_weight)
+        W = self.gamma * (self.whole("B") @ self.whole("A"))
+        return W.index_add(1, self.channels, (1.0 - self.gamma) * self.whole("sparse_weight"))
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        return dense_linear(self.dense_weight(), self.bias)
+        """A dense ``nn.Linear`` of :meth:`dense_weight`; under tensor parallelism the whole weight,
+        on every rank."""
+        return dense_linear(self.dense_weight(), self.whole("bias"))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -145,7 +182,7 @@ def _convert_lost(linear: nn.Linear, rank: int = 128, density: float = 0.05, gam
                                   score=score)
 
 
-register_reparam("lost", _convert_lost,
+register_reparam("lost", _convert_lost, tensor_parallel=True,
                  description="LOST: SVD-initialised low-rank + channel-wise sparse complement (Li et al., 2025)")
 
 __all__ = ["LOSTLinear"]

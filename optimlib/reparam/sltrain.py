@@ -68,7 +68,7 @@ from optimlib.distributed.parallel_region import copy_to_parallel_region, reduce
 from optimlib.kernels import sltrain_compose, sltrain_grads
 from optimlib.reparam import register_reparam
 from optimlib.validation import check_fraction, check_int
-from optimlib.reparam._lowrank import count_of, dense_linear, layer_generator
+from optimlib.reparam._lowrank import TensorParallelFactors, count_of, dense_linear, layer_generator
 
 
 def sample_support(total: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
@@ -147,7 +147,7 @@ def sltrain_parameter_count(d_in: int, d_out: int, rank: int, density: float, bi
     return rank * (d_in + d_out) + count_of(density, d_in * d_out) + (d_out if bias else 0)
 
 
-class SparseLowRankLinear(nn.Module):
+class SparseLowRankLinear(TensorParallelFactors, nn.Module):
     """``y = x ((alpha/r) B A + S)ᵀ + bias`` with S on a fixed random support (see the module doc).
 
     ``density=0`` gives the plain low-rank layer (no ``values`` parameter, no index buffer).
@@ -184,8 +184,6 @@ class SparseLowRankLinear(nn.Module):
             self.register_parameter("values", None)
             self.register_buffer("indices", None)
         self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
-        self.tp_style: str | None = None    # "colwise" | "rowwise" once parallelize() ran
-        self.tp_mesh = None
         self._tp_support = None             # (key, positions in values, positions in the local block)
         self.reset_parameters(seed)
 
@@ -226,29 +224,7 @@ class SparseLowRankLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    def parallelize(self, tp_mesh, style: str) -> "SparseLowRankLinear":
-        """Make this layer tensor parallel over the 1-D ``tp_mesh`` (in place, before FSDP2 shards
-        it): ``style="colwise"`` splits the output features (``B``, bias: ``Shard(0)``),
-        ``"rowwise"`` the input features (``A``: ``Shard(1)``); the other parameters are
-        ``Replicate()``.  The split dimension must divide evenly over the mesh."""
-        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-        if self.tp_style is not None:
-            raise RuntimeError(f"this SparseLowRankLinear is already tensor parallel ({self.tp_style})")
-        sharded = {"colwise": {"B": Shard(0), "bias": Shard(0)}, "rowwise": {"A": Shard(1)}}
-        if style not in sharded:
-            raise ValueError(f"style must be 'colwise' or 'rowwise', got {style!r}")
-        features = self.out_features if style == "colwise" else self.in_features
-        if features % tp_mesh.size():
-            side = "output" if style == "colwise" else "input"
-            raise ValueError(f"{style} tensor parallelism over {tp_mesh.size()} ranks needs the layer's {side} "
-                             f"features ({features}) to divide evenly")
-        for name, param in list(self.named_parameters(recurse=False)):
-            placement = sharded[style].get(name, Replicate())
-            setattr(self, name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [placement]),
-                                             requires_grad=param.requires_grad))
-        self.tp_style, self.tp_mesh = style, tp_mesh
-        return self
+    TP_SHARDED = {"colwise": {"B": 0, "bias": 0}, "rowwise": {"A": 1}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_style is not None:
@@ -260,18 +236,15 @@ class SparseLowRankLinear(nn.Module):
         flat positions in the block; cached while the index buffer is unchanged."""
         key = (self.indices.data_ptr(), self.indices._version)
         if self._tp_support is None or self._tp_support[0] != key:
-            n, t = self.tp_mesh.size(), self.tp_mesh.get_local_rank()
+            start, stop = self.tp_block()
             flat = self.indices.long()
-            if self.tp_style == "colwise":     # rows [lo, hi): a contiguous run of the sorted support
-                rows = self.out_features // n
-                start, stop = t * rows * self.in_features, (t + 1) * rows * self.in_features
-                picked = torch.nonzero((flat >= start) & (flat < stop)).squeeze(1)
-                local = flat[picked] - start
-            else:                              # columns [c0, c0 + cols)
-                cols = self.in_features // n
+            if self.tp_style == "colwise":     # rows [start, stop): a contiguous run of the sorted support
+                picked = torch.nonzero((flat >= start * self.in_features) & (flat < stop * self.in_features)).squeeze(1)
+                local = flat[picked] - start * self.in_features
+            else:                              # columns [start, stop)
                 row, col = flat // self.in_features, flat % self.in_features
-                picked = torch.nonzero((col >= t * cols) & (col < (t + 1) * cols)).squeeze(1)
-                local = row[picked] * cols + (col[picked] - t * cols)
+                picked = torch.nonzero((col >= start) & (col < stop)).squeeze(1)
+                local = row[picked] * (stop - start) + (col[picked] - start)
             self._tp_support = (key, picked, local.to(self.indices.dtype))
         return self._tp_support[1], self._tp_support[2]
 
@@ -291,15 +264,11 @@ class SparseLowRankLinear(nn.Module):
         y = reduce_from_parallel_region(sparse_lowrank_linear(x, B, A * self.scale, values, local_indices), group)
         return y if bias is None else y + bias
 
-    def _whole(self, name: str) -> torch.Tensor | None:
-        tensor = getattr(self, name)
-        return tensor.full_tensor() if self.tp_style is not None and tensor is not None else tensor
-
     def dense_weight(self) -> torch.Tensor:
         """``(alpha/r) B A + S`` as a dense tensor, differentiable by plain autograd: the naive
         parametrization, an independent reference for the layer's own autograd function (tests)."""
-        values = self._whole("values")
-        W = self._whole("B") @ (self._whole("A") * self.scale)
+        values = self.whole("values")
+        W = self.whole("B") @ (self.whole("A") * self.scale)
         if values is not None:
             W = W.reshape(-1).index_add(0, self.indices, values).view(self.out_features, self.in_features)
         return W
@@ -308,8 +277,8 @@ class SparseLowRankLinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A dense ``nn.Linear`` holding the weight the forward composes (the same op); under
         tensor parallelism the whole weight, on every rank."""
-        return dense_linear(sltrain_compose(self._whole("B"), self._whole("A") * self.scale, self._whole("values"),
-                                            self.indices), self._whole("bias"))
+        return dense_linear(sltrain_compose(self.whole("B"), self.whole("A") * self.scale, self.whole("values"),
+                                            self.indices), self.whole("bias"))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -37,7 +37,7 @@ NOTES = {
     "deepspeed.zero_stage": "ZeRO stage under the `deepspeed` launcher (0-3).",
     "reparam.method": "A weight reparameterization (`optimlib.reparam.list_reparams()`), applied before the "
                       "engine shards the model; with `parallel.tp`, `nm` and `compander` act on the "
-                      "tensor-parallel blocks and `sltrain`/`lowrank` layers are distributed by the plan.",
+                      "tensor-parallel blocks and the layers of the others are distributed by the plan.",
     "reparam.targets": "Names or regexes of the linears to reparameterize; unset: the attention and MLP linears.",
     "reparam.options": "The reparameterization's options (`rank`, `density`, ...).",
 }

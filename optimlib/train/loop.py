@@ -156,7 +156,7 @@ def _pretrain(cfg: RunConfig, engine_name: str, stop: StopRequest) -> dict:
         raise ConfigError(f"the corpus has {corpus.vocab_size} token ids but model '{cfg.model.name}' has a "
                           f"vocabulary of {model.config.vocab_size}; set model.vocab_size")
     # a parametrization (N:M, compander) acts on the tensor-parallel blocks; a module replacement
-    # (SLTrain) comes first and the plan distributes the new layers
+    # (SLTrain, LOST, dynamic rank) comes first and the plan distributes the new layers
     after_tensor_parallel = (cfg.parallel.tp > 1 and cfg.reparam.method in reparam.list_reparams()
                              and reparam.get_reparam_spec(cfg.reparam.method).parametrization)
     if not after_tensor_parallel:

@@ -65,12 +65,12 @@ def test_what_cannot_be_tensor_parallel_is_refused_by_name(four_ranks):
     placed = "linear 'down' is already distributed (its weight is a DTensor placed (Shard(dim=0), Shard(dim=1))), "
     assert (placed + "and sltrain replaces the module: apply it to the plain model, then make the tensor-parallel "
             "plan with optimlib.models.tensor_parallel.parallelize_linears") in said["sltrain"]
-    assert placed + "and lost replaces the module, which has no tensor-parallel form" in said["lost"]
+    assert placed + "and toy_copy replaces the module, which has no tensor-parallel form" in said["no_form"]
     assert ("option 'm': the tensor-parallel blocks of this linear's weight (placements (Shard(dim=0), "
             "Shard(dim=1))) split its 54 inputs into pieces of [27], not whole groups of 2") in said["nm_1of2"]
 
 
-@pytest.mark.parametrize("name", ["nm_srste", "nm_mdgf", "compander", "sltrain", "lowrank"])
+@pytest.mark.parametrize("name", ["nm_srste", "nm_mdgf", "compander", "sltrain", "lowrank", "lost", "lost_silu"])
 def test_reparameterized_dp2_tp2_matches_one_process(single, four_ranks, name):
     assert_params_close(single[name]["params"], four_ranks[name]["params"], RTOL_FLOAT64, "tp", name)
 

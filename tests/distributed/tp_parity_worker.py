@@ -67,6 +67,8 @@ REPARAMS = {
     "compander": ("compander", dict(saturation=3.0, slope=2.0)),
     "sltrain": ("sltrain", dict(rank=4, density=0.1)),
     "lowrank": ("lowrank", dict(rank=4)),
+    "lost": ("lost", dict(rank=4, density=0.2)),
+    "lost_silu": ("lost", dict(rank=4, density=0.2, activation="silu")),
 }
 
 
@@ -143,6 +145,18 @@ def reparam_refusal(model, method: str, **options) -> str:
     return "applied"
 
 
+def register_toy_replacement() -> str:
+    """A reparameterization that replaces the module and has no tensor-parallel form (a copy of
+    the linear); its name."""
+    import copy
+
+    from optimlib import reparam
+
+    if "toy_copy" not in reparam.list_reparams():
+        reparam.register_reparam("toy_copy", lambda linear: copy.deepcopy(linear))
+    return "toy_copy"
+
+
 def run_reparam(engine: str, name: str) -> dict:
     """10 AdamW steps of the 40 -> 56 -> 40 model reparameterized by ``REPARAMS[name]``, the
     layers' step hooks after each step."""
@@ -195,7 +209,7 @@ def run(engine: str, name: str, out: str) -> dict:
         hi = lo + half
         result["placements"] = placements(model)
         result["refusals"] = {"sltrain": reparam_refusal(model, "sltrain", rank=4),
-                              "lost": reparam_refusal(model, "lost", rank=4),
+                              "no_form": reparam_refusal(model, register_toy_replacement()),
                               "nm_1of2": reparam_refusal(model, "nm", n=1, m=2)}
     opt = create_optimizer(model, opt_name, lr=lr, weight_decay=wd, **kwargs)
     train(model, opt, batches(), local_loss, lo, hi)

@@ -293,7 +293,6 @@ def test_a_plan_names_the_layer_without_a_tensor_parallel_form(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
     from optimlib.models.tensor_parallel import parallelize_linears
 
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    reparam.apply(model, "lost", targets=["1"], rank=2)
-    with pytest.raises(TypeError, match="'1' is a LOSTLinear, which has no tensor-parallel form"):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv1d(8, 8, 1))
+    with pytest.raises(TypeError, match="'1' is a Conv1d, which has no tensor-parallel form"):
         parallelize_linears(model, init_device_mesh("cpu", (1,)), {"0": "colwise", "1": "rowwise"})
