@@ -157,9 +157,6 @@ NM_COMPANDER = {"FSDP2": "tests/distributed/test_nm_compander_distributed.py::te
 
 TENSOR_PARALLEL = "tests/distributed/test_tensor_parallel.py::test_dp2_tp2_matches_one_process"
 TENSOR_PARALLEL_REPARAMS = "tests/distributed/test_tensor_parallel.py::test_reparameterized_dp2_tp2_matches_one_process"
-# dynamic rank's replicated factors need the launcher's engine (a second optimizer, one all-reduce)
-TENSOR_PARALLEL_LAUNCHER = ("tests/distributed/test_pretrain_tensor_parallel.py::"
-                            "test_tp2_on_four_ranks_matches_one_process")
 
 
 def _coverage() -> dict[tuple[str, str], str]:
@@ -181,7 +178,7 @@ def _coverage() -> dict[tuple[str, str], str]:
         for column, test in NM_COMPANDER.items():
             cov[name, column] = test
     for name in tensor_parallel_reparams():
-        cov[name, "TP"] = TENSOR_PARALLEL_LAUNCHER if name == "dynamic_rank" else TENSOR_PARALLEL_REPARAMS
+        cov[name, "TP"] = TENSOR_PARALLEL_REPARAMS
     return cov
 
 

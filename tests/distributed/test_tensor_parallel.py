@@ -11,13 +11,14 @@ amplifies the data-parallel rounding that AdamW shows), the rest of the family a
 
 Reparameterizations, trained with AdamW in float64: N:M (SR-STE; MDGF through its dense,
 decaying and binary phases) and the compander, applied after the plan (they act on each rank's
-block of the weight), and SLTrain and its low-rank baseline, applied before it (the plan
-distributes the new layers: ``SparseLowRankLinear.parallelize``).  Tolerance 1e-9 relative;
-observed: N:M SR-STE 1.6e-11 (float32 would let a rounding difference flip a near-tied N:M group
-at one step and move that one weight by 2e-3), SLTrain 2.2e-15, its low-rank baseline 1.1e-15,
-the rest at most 3.4e-15.  SLTrain applied to an already tensor-parallel linear is refused with
-the order that works; LOST and dynamic rank, which have no tensor-parallel form, by name, as is
-an N:M pattern whose groups a tensor-parallel block would cut.
+block of the weight); SLTrain, its low-rank baseline, LOST (also with SiLU between its factors)
+and dynamic rank (ranks 6 -> 2 over three truncations; its factors replicated as the engines keep
+them), applied before it (the plan distributes the new layers: ``parallelize_linears``).
+Tolerance 1e-9 relative; observed: N:M SR-STE 1.6e-11 (float32 would let a rounding difference
+flip a near-tied N:M group at one step and move that one weight by 2e-3), LOST 1.5e-14, dynamic
+rank 7.5e-15, the rest at most 4.0e-15.  SLTrain applied to an already tensor-parallel linear is
+refused with the order that works; a replacement without a tensor-parallel form (a toy) by name,
+as is an N:M pattern whose groups a tensor-parallel block would cut.
 
 Optimizer-state bytes: every state tensor sharded like its weight holds about a quarter per
 rank (tensors of a few hundred bytes: slot padding makes it up to 0.3), about a half for the
@@ -70,7 +71,8 @@ def test_what_cannot_be_tensor_parallel_is_refused_by_name(four_ranks):
             "Shard(dim=1))) split its 54 inputs into pieces of [27], not whole groups of 2") in said["nm_1of2"]
 
 
-@pytest.mark.parametrize("name", ["nm_srste", "nm_mdgf", "compander", "sltrain", "lowrank", "lost", "lost_silu"])
+@pytest.mark.parametrize("name", ["nm_srste", "nm_mdgf", "compander", "sltrain", "lowrank", "lost", "lost_silu",
+                                  "dynamic_rank"])
 def test_reparameterized_dp2_tp2_matches_one_process(single, four_ranks, name):
     assert_params_close(single[name]["params"], four_ranks[name]["params"], RTOL_FLOAT64, "tp", name)
 

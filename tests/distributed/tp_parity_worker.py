@@ -69,6 +69,8 @@ REPARAMS = {
     "lowrank": ("lowrank", dict(rank=4)),
     "lost": ("lost", dict(rank=4, density=0.2)),
     "lost_silu": ("lost", dict(rank=4, density=0.2, activation="silu")),
+    # ranks 6 -> 4 -> 3 -> 2 (a truncation every 3 steps)
+    "dynamic_rank": ("dynamic_rank", dict(rank=6, interval=3, tol=0.5)),
 }
 
 
@@ -159,8 +161,11 @@ def register_toy_replacement() -> str:
 
 def run_reparam(engine: str, name: str) -> dict:
     """10 AdamW steps of the 40 -> 56 -> 40 model reparameterized by ``REPARAMS[name]``, the
-    layers' step hooks after each step."""
+    layers' step hooks after each step.  Parameters a layer declares replicated (dynamic rank's
+    factors) are kept whole on every rank as the engines keep them: hidden from FSDP2, their
+    gradients averaged over all ranks, stepped by a second AdamW."""
     from optimlib import reparam
+    from optimlib.distributed.replicated import ReplicatedParams
     from optimlib.optim import create_optimizer
 
     method, options = REPARAMS[name]
@@ -176,17 +181,30 @@ def run_reparam(engine: str, name: str) -> dict:
     after_plan = reparam.get_reparam_spec(method).parametrization
     if engine == "single" or not after_plan:
         reparameterize(model)
+    replicated = None
     if engine != "single":
+        if reparam.replicated_parameters(model):
+            replicated = ReplicatedParams(reparam.replicated_parameters(model), dist.get_world_size())
+            replicated.broadcast_()
         model, mesh = parallelize(model, reparameterize if after_plan else lambda m: None)
         lo = mesh["dp"].get_local_rank() * (GLOBAL_BATCH // 2)
         hi = lo + GLOBAL_BATCH // 2
     opt = create_optimizer(model, "adamw", lr=1e-2, weight_decay=1e-2)
+    if replicated is not None:
+        replicated.optimizer = create_optimizer(replicated.param_view(), "adamw", lr=1e-2, weight_decay=1e-2)
     for x, target in batches(40):
         local_loss(model, (x.double(), target.double()), lo, hi).backward()
         opt.step()
-        reparam.after_step(model, opt)
+        if replicated is not None:
+            replicated.average_grads_()
+            replicated.optimizer.step()
+            replicated.optimizer.zero_grad(set_to_none=True)
+        reparam.after_step(model, opt, replicated.optimizer if replicated is not None else None)
         opt.zero_grad(set_to_none=True)
-    return {"params": full_params(model)}
+    params = full_params(model)
+    if replicated is not None:
+        params.update({n: p.detach().clone() for n, p in replicated.named})
+    return {"params": params}
 
 
 def run(engine: str, name: str, out: str) -> dict:
