@@ -66,11 +66,12 @@ def runs(tmp_path_factory):
 def test_tp2_on_four_ranks_matches_one_process(runs, name):
     single, tp = runs(name, 1), runs(name, 2)
     ref, got = train_losses(single), train_losses(tp)
-    assert sorted(ref) == sorted(got) == list(range(1, 7))
+    steps = list(range(1, 7 if name == "galore_adamw_layerwise" else 5))
+    assert sorted(ref) == sorted(got) == steps
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=RTOL), (name, step, ref[step], got[step])
     norms = [{r["step"]: r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r} for run in (single, tp)]
-    assert sorted(norms[0]) == sorted(norms[1]) == list(range(1, 7))
+    assert sorted(norms[0]) == sorted(norms[1]) == steps
     assert norms[1][1] == pytest.approx(norms[0][1], rel=RTOL), name   # the same weights: the same gradient
     for step, norm in norms[0].items():   # each element counted once, whatever holds copies of it
         assert norms[1][step] == pytest.approx(norm, rel=NORM_RTOL.get(name, RTOL)), (name, step, norm, norms[1][step])

@@ -25,7 +25,9 @@ from optimlib.distributed.teardown import exit_process, leave_process_group  # n
 from optimlib.train.config import load_config  # noqa: E402
 from optimlib.train.loop import pretrain  # noqa: E402
 
-COMMON = [*TINY_RUN, "train.grad_clip=0.5"]
+# 4 steps and one evaluation, at the end (GaLore's refreshes at steps 1 and 3, dynamic rank's
+# truncations at 2 and 4); the layer-wise run keeps TINY_RUN's 6 steps for the resume test
+COMMON = [*TINY_RUN, "train.grad_clip=0.5", "train.steps=4", "train.eval_every=0"]
 LOW_RANK = "optim.kwargs={rank: 8, update_proj_gap: 2}"
 RUNS = {
     "adamw": ["optim.name=adamw"],
@@ -38,7 +40,8 @@ RUNS = {
     # GaLore stepped in backward: each parameter steps in its gradient hook, the norm summed block
     # by block; its step-3 checkpoint is the resume test's
     "galore_adamw_layerwise": ["optim.name=galore_adamw", "optim.kwargs={rank: 4, update_proj_gap: 2}",
-                               "train.layerwise=true", "train.grad_clip=0", "train.checkpoint_every=3"],
+                               "train.layerwise=true", "train.grad_clip=0", "train.steps=6", "train.eval_every=3",
+                               "train.checkpoint_every=3"],
     # reparameterizations, AdamW: N:M and the compander on the tensor-parallel linears (after the
     # plan); SLTrain, low-rank, LOST and dynamic-rank layers distributed by the plan
     "nm_srste": ["reparam.method=nm", "reparam.options={n: 2, m: 4, recipe: srste, srste_lambda: 0.01}"],
