@@ -94,6 +94,15 @@ class TensorParallelFactors:
         start = self.tp_mesh.get_local_rank() * size
         return start, start + size
 
+    def block_selection(self, buffer: torch.Tensor, select):
+        """``select()``: this rank's share of the fixed index ``buffer`` (a support, kept channels),
+        computed once and kept while the buffer is unchanged (a loaded state dict changes it)."""
+        key = (buffer.data_ptr(), buffer._version)
+        cached = self.__dict__.get("_tp_selection")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_tp_selection"] = (key, select())
+        return cached[1]
+
     def whole(self, name: str) -> torch.Tensor | None:
         """Parameter ``name`` whole (gathered over the tensor-parallel mesh when distributed)."""
         tensor = getattr(self, name)

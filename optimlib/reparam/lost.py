@@ -150,11 +150,17 @@ class LOSTLinear(TensorParallelFactors, nn.Module):
             x = copy_to_parallel_region(x, group)
             h = F.linear(x, copy_to_parallel_region(A, group))
             return self._combine(h, x.index_select(-1, self.channels), B, sparse_weight, bias)
-        start, stop = self.tp_block()
-        mine = torch.nonzero((self.channels >= start) & (self.channels < stop)).squeeze(1)
-        x_kept = x.index_select(-1, self.channels.index_select(0, mine) - start)
+        mine, local_channels = self.block_selection(self.channels, self._block_channels)
+        x_kept = x.index_select(-1, local_channels)
         sparse_weight = copy_to_parallel_region(sparse_weight, group).index_select(1, mine)
         return self._combine(F.linear(x, A), x_kept, B, sparse_weight, bias, group)
+
+    def _block_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which kept channels fall in this rank's block of inputs (positions in ``W_s``'s columns),
+        and their positions in the block."""
+        start, stop = self.tp_block()
+        mine = torch.nonzero((self.channels >= start) & (self.channels < stop)).squeeze(1)
+        return mine, self.channels.index_select(0, mine) - start
 
     def dense_weight(self) -> torch.Tensor:
         """``γ B A + (1 - γ) · W_s`` scattered into the channels ``I`` (needs ``activation=None``)."""

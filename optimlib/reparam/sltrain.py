@@ -184,7 +184,6 @@ class SparseLowRankLinear(TensorParallelFactors, nn.Module):
             self.register_parameter("values", None)
             self.register_buffer("indices", None)
         self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
-        self._tp_support = None             # (key, positions in values, positions in the local block)
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -233,9 +232,8 @@ class SparseLowRankLinear(TensorParallelFactors, nn.Module):
 
     def _block_support(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Which non-zeros fall in this rank's block of ``W`` (positions in ``values``), and their
-        flat positions in the block; cached while the index buffer is unchanged."""
-        key = (self.indices.data_ptr(), self.indices._version)
-        if self._tp_support is None or self._tp_support[0] != key:
+        flat positions in the block (:meth:`block_selection`)."""
+        def select():
             start, stop = self.tp_block()
             flat = self.indices.long()
             if self.tp_style == "colwise":     # rows [start, stop): a contiguous run of the sorted support
@@ -245,8 +243,9 @@ class SparseLowRankLinear(TensorParallelFactors, nn.Module):
                 row, col = flat // self.in_features, flat % self.in_features
                 picked = torch.nonzero((col >= start) & (col < stop)).squeeze(1)
                 local = row[picked] * (stop - start) + (col[picked] - start)
-            self._tp_support = (key, picked, local.to(self.indices.dtype))
-        return self._tp_support[1], self._tp_support[2]
+            return picked, local.to(self.indices.dtype)
+
+        return self.block_selection(self.indices, select)
 
     def _forward_tensor_parallel(self, x: torch.Tensor) -> torch.Tensor:
         group = self.tp_mesh.get_group()
